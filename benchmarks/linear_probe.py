@@ -1,0 +1,87 @@
+"""The floor: frozen mean-pooled image features and frozen mean-pooled MiniLM, a linear head each.
+
+    python benchmarks/linear_probe.py --data ../shared/data/flickr8k --features .cache/features/flickr8k-lite2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, AutoTokenizer
+
+from lightningdot.data import read_karpathy
+from lightningdot.evaluate import recall_metrics
+from lightningdot.features import FeatureStore
+from lightningdot.objectives import cmr_loss
+from lightningdot.pretrained import text_model_dir
+
+
+@torch.inference_mode()
+def minilm_mean(texts: list[str], batch: int = 512) -> torch.Tensor:
+    folder = text_model_dir("all-minilm-l6-v2")
+    tok, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+    out = []
+    for s in range(0, len(texts), batch):
+        enc = tok(texts[s : s + batch], padding=True, truncation=True, max_length=64, return_tensors="pt")
+        h = model(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        out.append((h * m).sum(1) / m.sum(1))
+    return torch.cat(out)
+
+
+def mean_regions(store: FeatureStore, keys: list[str]) -> torch.Tensor:
+    b = store.batch(keys)
+    m = b.mask.unsqueeze(-1).float()
+    return (b.features.float() * m).sum(1) / m.sum(1)
+
+
+def run_probe(annotations: Path, features: Path, epochs: int = 30, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    store = FeatureStore(features)
+    train, val = read_karpathy(annotations, "train"), read_karpathy(annotations, "val")
+    img_tr, img_va = mean_regions(store, train.keys()), mean_regions(store, val.keys())
+    txt_tr, txt_va = minilm_mean(train.captions), minilm_mean(val.captions)
+    cap_img = torch.tensor(train.caption_image)
+    mu, sd = img_tr.mean(0), img_tr.std(0) + 1e-6
+    img_tr, img_va = (img_tr - mu) / sd, (img_va - mu) / sd
+    dim = 256
+    w_img, w_txt = torch.nn.Linear(img_tr.shape[1], dim), torch.nn.Linear(txt_tr.shape[1], dim)
+    scale = torch.nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1 / 0.05)))))
+    params = [*w_img.parameters(), *w_txt.parameters(), scale]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    n = len(train.images)
+    offsets = torch.tensor([0] + [len(im.captions) for im in train.images]).cumsum(0)
+    counts = torch.tensor([len(im.captions) for im in train.images])
+    for _ in range(epochs):
+        order = torch.randperm(n)
+        for s in range(0, n - 127, 128):
+            idx = order[s : s + 128]
+            cap = offsets[idx] + (torch.rand(len(idx)) * counts[idx]).long()
+            t = F.normalize(w_txt(txt_tr[cap]), dim=-1)
+            i = F.normalize(w_img(img_tr[idx]), dim=-1)
+            losses = cmr_loss(t, i, scale)
+            loss = (losses["cmr_t2i"] + losses["cmr_i2t"]) / 2
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert len(cap_img) == len(txt_tr)
+    with torch.no_grad():
+        t = F.normalize(w_txt(txt_va), dim=-1)
+        i = F.normalize(w_img(img_va), dim=-1)
+    return recall_metrics(t, i, val.caption_image)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=Path("../shared/data/flickr8k"))
+    ap.add_argument("--features", type=Path, default=Path(".cache/features/flickr8k-lite2"))
+    args = ap.parse_args()
+    print(json.dumps(run_probe(args.data / "dataset_flickr8k.json", args.features), indent=1))
+
+
+if __name__ == "__main__":
+    main()

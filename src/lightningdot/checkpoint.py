@@ -1,0 +1,115 @@
+"""Model folders: `config.json` + `model.safetensors` holding only what training changed.
+
+The pretrained parts are rebuilt from their PyPI packages (checked by hash), so a shipped model
+stores just its trained parameters. Names such as "default" resolve to folders inside the package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from lightningdot.config import ModelConfig, from_dict, to_dict
+from lightningdot.encoders import BiEncoder
+from lightningdot.errors import ConfigMismatchError, DataError
+from lightningdot.io import write_json, write_safetensors
+
+FORMAT = 1
+SHIPPED = ("default",)
+
+
+def shipped_model_dir(name: str) -> Path:
+    return Path(str(resources.files("lightningdot") / "weights" / name))
+
+
+def resolve_model(name_or_path: str | os.PathLike[str] | None) -> Path:
+    """A shipped model name ("default") or a folder -> the folder holding the model."""
+    if name_or_path is None or str(name_or_path) in SHIPPED:
+        return shipped_model_dir(str(name_or_path or "default"))
+    path = Path(name_or_path)
+    if not path.exists():
+        raise DataError(f"no model {str(name_or_path)!r}: neither a shipped name {SHIPPED} nor a folder")
+    return path
+
+
+def save_model(
+    folder: str | os.PathLike[str],
+    model: BiEncoder,
+    dtype: torch.dtype = torch.float32,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write the model's config and trained parameters, each file atomically."""
+    folder = Path(folder)
+    state = {k: v.to(dtype) for k, v in model.stored_state().items()}
+    write_safetensors(folder / "model.safetensors", state, metadata={"format": str(FORMAT)})
+    write_json(folder / "config.json", {"format": FORMAT, "model": to_dict(model.cfg), **(extra or {})})
+
+
+def read_model_config(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise DataError(f"not a model folder (no config.json): {folder}")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"damaged model config {path}: {e}") from e
+    if meta.get("format") != FORMAT or "model" not in meta:
+        raise DataError(f"{path} is not a lightningdot model config (format {FORMAT})")
+    return from_dict(ModelConfig, meta["model"]), meta
+
+
+def load_state_into(model: BiEncoder, weights: Path) -> None:
+    """Load trained parameters, refusing a file whose names or shapes do not fit the model."""
+    if not weights.is_file():
+        raise DataError(f"model weights not found: {weights}")
+    try:
+        with safe_open(weights, framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise DataError(f"damaged model weights {weights}: {e}") from e
+    expected = model.stored_state()
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    if missing or unexpected:
+        raise ConfigMismatchError(
+            f"{weights} does not fit the model config: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}"
+        )
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ConfigMismatchError(
+                f"{weights}: {name} has shape {tuple(tensor.shape)}, "
+                f"the config makes {tuple(expected[name].shape)}"
+            )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in state:
+                param.copy_(state[name].to(param.dtype))
+
+
+def load_model(name_or_path: str | os.PathLike[str] | None = "default") -> BiEncoder:
+    """Build a BiEncoder from a shipped name or a model folder, in eval mode, on the CPU."""
+    folder = resolve_model(name_or_path)
+    cfg, _ = read_model_config(folder)
+    model = BiEncoder(cfg)
+    model.init_pretrained()
+    load_state_into(model, folder / "model.safetensors")
+    return model.eval()
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written folder into place, keeping the old one until the new one is there."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)

@@ -1,0 +1,210 @@
+"""`ldot`: one command line, one subcommand per stage."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from lightningdot.errors import LightningDotError
+
+app = typer.Typer(
+    help="LightningDOT: real-time image-text retrieval.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn errors caused by input into one red line and exit code 2, without a traceback."""
+    try:
+        yield
+    except LightningDotError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2) from None
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def _corpus(annotations: Path | None, images: Path, split: str | None):
+    from lightningdot.data import read_image_folder, read_karpathy
+
+    if annotations is not None:
+        return read_karpathy(annotations, split)
+    return read_image_folder(images)
+
+
+@app.command()
+def extract(
+    images: Annotated[Path, typer.Option(help="Folder of the images.")],
+    out: Annotated[Path, typer.Option(help="Feature store folder to write (or resume).")],
+    annotations: Annotated[
+        Path | None, typer.Option(help="Karpathy-format file naming the images.")
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="Only this split of the annotations.")] = None,
+    backbone: Annotated[str, typer.Option(help="Registered backbone.")] = "efficientnet-lite2",
+    detector: Annotated[
+        bool, typer.Option(help="Import precomputed detector regions (.npz per image).")
+    ] = False,
+    batch_size: int = 32,
+    shard_size: int = 256,
+) -> None:
+    """Extract region features of a collection into a feature store (resumable)."""
+    from lightningdot.features import create_backbone
+    from lightningdot.features.extract import extract_images, import_detector_features
+
+    with user_errors():
+        if detector:
+            files = sorted(images.rglob("*.npz")) if images.is_dir() else []
+            if not files:
+                raise LightningDotError(f"no .npz detector files under {images}")
+            items = [(p.relative_to(images).with_suffix("").as_posix(), p) for p in files]
+        else:
+            corpus = _corpus(annotations, images, split)
+            items = [(k, images / k) for k in corpus.keys()]
+        with progress_bar() as bar:
+            task = bar.add_task("extracting", total=len(items))
+
+            def advance(n: int) -> None:
+                bar.advance(task, n)
+
+            if detector:
+                summary = import_detector_features(items, out, shard_size, advance)
+            else:
+                net = create_backbone(backbone)
+                summary = extract_images(items, out, net, batch_size, shard_size, advance)
+        console.print(
+            f"{summary.extracted} extracted, {summary.skipped} already done, "
+            f"{len(summary.failed)} failed, of {summary.total} "
+            f"({summary.images_per_second:.1f} images/s) -> {out}"
+        )
+        for key, reason in summary.failed:
+            console.print(f"  [yellow]skipped[/] {key}: {reason}")
+
+
+def _train(recipe: Path, out: Path, mode: str) -> None:
+    from lightningdot.config import TrainConfig, load_config
+    from lightningdot.train import train
+
+    with user_errors():
+        cfg = load_config(TrainConfig, recipe)
+        w = cfg.objectives
+        if mode == "finetune" and (w.vmlm or w.smrm):
+            raise LightningDotError(f"{recipe}: fine-tuning uses CMR alone; set vmlm = smrm = 0")
+        with progress_bar() as bar:
+            task = bar.add_task(mode, total=None)
+
+            def on_step(epoch: int, step: int, steps: int, losses: dict[str, float]) -> None:
+                bar.update(
+                    task, total=steps, completed=step + 1,
+                    description=f"{mode} epoch {epoch + 1}/{cfg.epochs} loss {losses['loss']:.3f}",
+                )
+
+            best = train(cfg, out, on_step, log=lambda m: bar.console.print(m))
+        if best:
+            console.print(f"best val AR {best['ar']:.2f} -> {out / 'best'}")
+
+
+@app.command()
+def pretrain(
+    recipe: Annotated[Path, typer.Argument(help="Training recipe (.toml).")],
+    out: Annotated[Path, typer.Option(help="Run folder (checkpoints, log); resumed if present.")],
+) -> None:
+    """Pre-train with VMLM + SMRM + CMR, mixed as the recipe says."""
+    _train(recipe, out, "pretrain")
+
+
+@app.command()
+def finetune(
+    recipe: Annotated[Path, typer.Argument(help="Training recipe (.toml).")],
+    out: Annotated[Path, typer.Option(help="Run folder (checkpoints, log); resumed if present.")],
+) -> None:
+    """Fine-tune with CMR (from `init_from` in the recipe, or from the pretrained encoders)."""
+    _train(recipe, out, "finetune")
+
+
+@app.command()
+def evaluate(
+    annotations: Annotated[Path, typer.Option(help="Karpathy-format annotation file.")],
+    images: Annotated[Path, typer.Option(help="Folder of the images it names.")],
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+    model: Annotated[str, typer.Option(help="Shipped model name or model folder.")] = "default",
+    features: Annotated[
+        Path | None, typer.Option(help="Feature store of the images (else extracted on the fly).")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics here.")] = None,
+) -> None:
+    """Recall@1/5/10 both ways and AR of a model on one split."""
+    from lightningdot.checkpoint import load_model
+    from lightningdot.data import read_karpathy
+    from lightningdot.evaluate import RetrievalEvaluator, file_batches, store_batches
+    from lightningdot.features import FeatureStore, create_backbone
+    from lightningdot.io import write_json
+
+    with user_errors():
+        corpus = read_karpathy(annotations, split)
+        if not images.is_dir():
+            raise LightningDotError(f"image folder not found: {images}")
+        net = load_model(model)
+        keys = corpus.keys()
+        with progress_bar() as bar:
+            task = bar.add_task("encoding images", total=len(keys))
+            if features is not None:
+                store = FeatureStore(features)
+
+                def regions():
+                    for b in store_batches(store, keys):
+                        yield b
+                        bar.advance(task, len(b))
+            else:
+                backbone = create_backbone(net.cfg.backbone)
+
+                def regions():
+                    paths = [images / k for k in keys]
+                    yield from file_batches(backbone, paths, on_progress=lambda n: bar.advance(task, n))
+
+            metrics = RetrievalEvaluator(corpus, regions)(net)
+        print_metrics(metrics)
+        if json_out is not None:
+            write_json(json_out, metrics)
+
+
+def print_metrics(m: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{m['n_images']} images, {m['n_captions']} captions")
+    for col in ("direction", "R@1", "R@5", "R@10"):
+        table.add_column(col, justify="right")
+    for d, name in (("t2i", "text->image"), ("i2t", "image->text")):
+        table.add_row(name, *(f"{m[d][k]:.2f}" for k in ("r1", "r5", "r10")))
+    table.add_row("AR", f"{m['ar']:.2f}", "", "")
+    Console().print(table)
+
+
+@app.callback()
+def _root() -> None:
+    """LightningDOT: real-time image-text retrieval."""
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Typed configuration: the model, training, and their (de)serialisation.
+
+Configs are dataclasses validated in `__post_init__`. They travel as JSON beside every
+checkpoint and as TOML in `recipes/`; unknown keys are an error, so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from lightningdot.errors import ConfigMismatchError, DataError
+
+T = TypeVar("T")
+
+
+@dataclass
+class BertSize:
+    """Shape of a BERT-style transformer (the text encoder; the image encoder shares its width)."""
+
+    hidden_size: int = 384
+    num_layers: int = 6
+    num_heads: int = 12
+    intermediate_size: int = 1536
+    vocab_size: int = 30522
+    max_positions: int = 512
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be a multiple of num_heads")
+
+
+@dataclass
+class TextConfig:
+    # Packaged pretrained weights to start from (see `lightningdot.pretrained`); None builds a
+    # randomly initialised BERT of `size`, as the tests do.
+    pretrained: str | None = "all-minilm-l6-v2"
+    size: BertSize = field(default_factory=BertSize)
+    # Only the top layers are fine-tuned; the embeddings and the layers below stay as pretrained.
+    # That keeps training affordable on a CPU and the shipped weights small.
+    trainable_layers: int = 6
+    max_length: int = 40  # tokens, [CLS] and [SEP] included; longer captions are truncated
+    pooling: str = "cls"  # "cls": the [CLS] output is the global vector, as in the paper; or "mean"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.trainable_layers <= self.size.num_layers:
+            raise ValueError(f"trainable_layers must be in [0, {self.size.num_layers}]")
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', not {self.pooling!r}")
+        if self.max_length < 3:
+            raise ValueError("max_length must leave room for [CLS], a token and [SEP]")
+
+
+@dataclass
+class ImageConfig:
+    feature_dim: int = 1280  # size of a region feature from the backbone
+    num_classes: int = 1000  # size of the region class distribution (SMRM's KL target)
+    num_layers: int = 2  # transformer layers over [IMG] + regions
+    # Start the image transformer from the text encoder's bottom layers, as the paper starts
+    # both encoders from UNITER/BERT.
+    init_from_text: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_layers < 1:
+            raise ValueError("the image encoder needs at least one layer")
+
+
+@dataclass
+class ModelConfig:
+    text: TextConfig = field(default_factory=TextConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    embed_dim: int = 256  # size of the shared embedding space (the index dimension)
+    backbone: str = "efficientnet-lite2"  # makes image regions from pixels at query time
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.embed_dim < 1:
+            raise ValueError("embed_dim must be positive")
+        if self.image.num_layers > self.text.size.num_layers and self.image.init_from_text:
+            raise ValueError("init_from_text needs image.num_layers <= text layers")
+
+
+@dataclass
+class ObjectiveWeights:
+    """Weight of each objective in the summed loss; 0 turns an objective off."""
+
+    vmlm: float = 0.0
+    smrm: float = 0.0
+    cmr: float = 1.0
+
+    def __post_init__(self) -> None:
+        if min(self.vmlm, self.smrm, self.cmr) < 0 or self.vmlm + self.smrm + self.cmr == 0:
+            raise ValueError("objective weights must be >= 0 and not all zero")
+
+
+@dataclass
+class DataConfig:
+    annotations: str = ""  # Karpathy-format file
+    features: str = ""  # feature store of the images it names (`ldot extract`)
+    train_split: str = "train"
+    val_split: str = "val"  # "" for no validation
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objectives: ObjectiveWeights = field(default_factory=ObjectiveWeights)
+    init_from: str = ""  # a checkpoint folder to start from (fine-tuning after pre-training)
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 5e-4  # new parts: image encoder, heads, projections
+    text_lr: float = 5e-5  # the pretrained text layers
+    weight_decay: float = 0.01
+    warmup: float = 0.05  # fraction of all steps with a linear warm-up
+    mask_prob: float = 0.15  # VMLM tokens and SMRM regions
+    # Initial softmax temperature of CMR, learned unless `learn_temperature` is off.
+    temperature: float = 0.05
+    learn_temperature: bool = True
+    hard_negatives: int = 0  # images per caption mined each epoch by the model itself; 0 = off
+    grad_clip: float = 1.0
+    seed: int = 0
+    threads: int = 0  # torch threads; 0 keeps torch's default
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError("need epochs >= 1 and batch_size >= 2 (CMR uses in-batch negatives)")
+        if not 0 < self.mask_prob < 1:
+            raise ValueError("mask_prob must be in (0, 1)")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be positive")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build a (nested) config dataclass from plain data, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise DataError(f"config {where or cls.__name__}: expected a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - names
+    if unknown:
+        raise DataError(f"config {where or cls.__name__}: unknown key(s) {sorted(unknown)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if isinstance(hint, types.UnionType):  # "X | None": build X when a table is given
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = from_dict(hint, value, f"{where}.{key}" if where else key)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"config {where or cls.__name__}: {e}") from e
+
+
+def load_config(cls: type[T], path: str | Path) -> T:
+    """Read a config from a `.toml` (recipes) or `.json` (beside checkpoints) file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot parse {path}: {e}") from e
+    return from_dict(cls, data)
+
+
+def diff_configs(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the fields that differ between two configs of one type."""
+    da, db = (asdict(a), asdict(b))
+
+    def walk(x: Any, y: Any, name: str) -> list[str]:
+        if isinstance(x, dict) and isinstance(y, dict):
+            return [d for k in sorted(set(x) | set(y)) for d in walk(x.get(k), y.get(k), f"{name}.{k}" if name else k)]
+        return [] if x == y else [f"{name}: {x!r} != {y!r}"]
+
+    return walk(da, db, prefix)
+
+
+def require_same(expected: Any, found: Any, what: str) -> None:
+    """Raise ConfigMismatchError naming every differing field."""
+    diffs = diff_configs(expected, found)
+    if diffs:
+        raise ConfigMismatchError(f"{what} was made with another config: " + "; ".join(diffs))

@@ -1,0 +1,222 @@
+"""The two encoders of LightningDOT and the bi-encoder that scores them by a dot product.
+
+    captions -> TextEncoder  -> [CLS] state -> projection -> text vector  ┐
+                                                                          ├─ dot product
+    regions  -> ImageEncoder -> [IMG] state -> projection -> image vector ┘
+
+Neither encoder sees the other modality, so image vectors can be computed once, offline.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from lightningdot.config import BertSize, ImageConfig, ModelConfig, TextConfig
+from lightningdot.errors import ConfigMismatchError, DataError
+from lightningdot.features.regions import RegionBatch
+from lightningdot.pretrained import text_model_dir
+
+DEFAULT_TOKENIZER = "all-minilm-l6-v2"
+
+
+def bert_config(size: BertSize, dropout: float, vocab_size: int | None = None) -> BertConfig:
+    return BertConfig(
+        vocab_size=size.vocab_size if vocab_size is None else vocab_size,
+        hidden_size=size.hidden_size,
+        num_hidden_layers=size.num_layers,
+        num_attention_heads=size.num_heads,
+        intermediate_size=size.intermediate_size,
+        max_position_embeddings=size.max_positions,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+
+
+class TextEncoder(nn.Module):
+    """A BERT-family encoder; its [CLS] output, projected, is the global text vector."""
+
+    def __init__(self, cfg: TextConfig, embed_dim: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.bert = BertModel(bert_config(cfg.size, dropout), add_pooling_layer=False)
+        self.proj = nn.Linear(cfg.size.hidden_size, embed_dim)
+
+    def load_pretrained(self) -> None:
+        """Copy in the packaged weights named by the config (checked by hash)."""
+        if self.cfg.pretrained is None:
+            return
+        folder = text_model_dir(self.cfg.pretrained)
+        ref = BertModel.from_pretrained(folder, add_pooling_layer=False)
+        got = ref.config
+        want = self.cfg.size
+        if (got.hidden_size, got.num_hidden_layers, got.vocab_size) != (
+            want.hidden_size,
+            want.num_layers,
+            want.vocab_size,
+        ):
+            raise ConfigMismatchError(
+                f"pretrained {self.cfg.pretrained!r} is {got.num_hidden_layers} layers x "
+                f"{got.hidden_size} (vocab {got.vocab_size}); the config asks for "
+                f"{want.num_layers} x {want.hidden_size} (vocab {want.vocab_size})"
+            )
+        self.bert.load_state_dict(ref.state_dict())
+
+    def freeze_lower(self) -> None:
+        """Freeze the embeddings and every layer below the top `trainable_layers`."""
+        n_frozen = self.cfg.size.num_layers - self.cfg.trainable_layers
+        self.bert.embeddings.requires_grad_(False)
+        for layer in self.bert.encoder.layer[:n_frozen]:
+            layer.requires_grad_(False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, H) token states."""
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def pool(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) states -> (B, H) global state ([CLS], or the mean over real tokens)."""
+        if self.cfg.pooling == "cls":
+            return states[:, 0]
+        m = attention_mask.unsqueeze(-1).to(states.dtype)
+        return (states * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class ImageEncoder(nn.Module):
+    """A transformer over [IMG] + region tokens; the [IMG] output, projected, is the image vector.
+
+    A region token is LayerNorm(W_f f) + LayerNorm(W_b b) for feature f and box b, as in UNITER;
+    the regions are a set, so all tokens share one position embedding.
+    """
+
+    def __init__(
+        self, cfg: ImageConfig, size: BertSize, embed_dim: int, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h = size.hidden_size
+        self.feature_embed = nn.Sequential(nn.Linear(cfg.feature_dim, h), nn.LayerNorm(h, eps=1e-12))
+        self.box_embed = nn.Sequential(nn.Linear(7, h), nn.LayerNorm(h, eps=1e-12))
+        self.img_token = nn.Parameter(torch.randn(h) * 0.02)
+        layers = BertSize(h, cfg.num_layers, size.num_heads, size.intermediate_size, 1, 2)
+        self.bert = BertModel(bert_config(layers, dropout), add_pooling_layer=False)
+        self.proj = nn.Linear(h, embed_dim)
+
+    def init_from_text(self, text_bert: BertModel) -> None:
+        """Start from the text encoder's embeddings LayerNorm and its bottom layers."""
+        emb, src = self.bert.embeddings, text_bert.embeddings
+        emb.LayerNorm.load_state_dict(src.LayerNorm.state_dict())
+        emb.position_embeddings.weight.data.copy_(src.position_embeddings.weight[:2])
+        emb.token_type_embeddings.weight.data.copy_(src.token_type_embeddings.weight)
+        for mine, theirs in zip(self.bert.encoder.layer, text_bert.encoder.layer, strict=False):
+            mine.load_state_dict(theirs.state_dict())
+
+    def embed(self, regions: RegionBatch, masked: torch.Tensor | None = None) -> torch.Tensor:
+        """Region tokens (B, R, H); regions where `masked` is True get a zero feature (SMRM)."""
+        feats = regions.features
+        if masked is not None:
+            feats = feats.masked_fill(masked.unsqueeze(-1), 0.0)
+        return self.feature_embed(feats) + self.box_embed(regions.boxes)
+
+    def forward(self, regions: RegionBatch, masked: torch.Tensor | None = None) -> torch.Tensor:
+        """Regions -> (B, 1 + R, H) states; position 0 is [IMG]."""
+        tokens = self.embed(regions, masked)
+        b = tokens.shape[0]
+        tokens = torch.cat([self.img_token.expand(b, 1, -1).to(tokens.dtype), tokens], dim=1)
+        mask = torch.cat([regions.mask.new_ones(b, 1), regions.mask], dim=1).long()
+        zeros = torch.zeros_like(mask)
+        out = self.bert(
+            inputs_embeds=tokens,
+            attention_mask=mask,
+            position_ids=zeros,
+            token_type_ids=torch.ones_like(mask),  # segment 1: the image side, as in UNITER
+        )
+        return out.last_hidden_state
+
+
+class BiEncoder(nn.Module):
+    """LightningDOT's dual encoder: `encode_text`, `encode_image`, `score`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.text = TextEncoder(cfg.text, cfg.embed_dim, cfg.dropout)
+        self.image = ImageEncoder(cfg.image, cfg.text.size, cfg.embed_dim, cfg.dropout)
+        # exp(logit_scale) = 1 / temperature of CMR's softmax
+        self.logit_scale = nn.Parameter(torch.tensor(0.0))
+        self._tokenizer = None
+        self._warned_truncation = False
+
+    def init_pretrained(self, temperature: float = 0.05) -> None:
+        """Load packaged text weights, derive the image transformer from them, freeze as configured."""
+        self.text.load_pretrained()
+        if self.cfg.image.init_from_text:
+            self.image.init_from_text(self.text.bert)
+        self.text.freeze_lower()
+        self.logit_scale.data.fill_(torch.log(torch.tensor(1.0 / temperature)))
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            name = self.cfg.text.pretrained or DEFAULT_TOKENIZER
+            self._tokenizer = AutoTokenizer.from_pretrained(text_model_dir(name))
+        return self._tokenizer
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Captions -> padded `input_ids` and `attention_mask`, truncated to `max_length`.
+
+        Raises:
+            DataError: a caption is empty or only white space.
+        """
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise DataError("a text query or caption is empty")
+        max_len = self.cfg.text.max_length
+        enc = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt",
+            return_overflowing_tokens=False, return_length=False,
+        )
+        if not self._warned_truncation and enc["input_ids"].shape[1] == max_len:
+            full = self.tokenizer(texts, truncation=False)["input_ids"]
+            if any(len(ids) > max_len for ids in full):
+                warnings.warn(
+                    f"captions longer than {max_len} tokens are truncated to the model's maximum",
+                    stacklevel=2,
+                )
+                self._warned_truncation = True
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def encode_text(
+        self, texts: list[str] | dict[str, torch.Tensor], normalize: bool = True
+    ) -> torch.Tensor:
+        """Captions (strings or `tokenize` output) -> (B, E) text vectors."""
+        batch = self.tokenize(texts) if isinstance(texts, list) else texts
+        device = self.logit_scale.device
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        vec = self.text.proj(self.text.pool(self.text(ids, mask), mask))
+        return F.normalize(vec, dim=-1) if normalize else vec
+
+    def encode_image(self, regions: RegionBatch, normalize: bool = True) -> torch.Tensor:
+        """Regions of B images -> (B, E) image vectors."""
+        regions = regions.to(self.logit_scale.device)
+        vec = self.image.proj(self.image(regions)[:, 0])
+        return F.normalize(vec, dim=-1) if normalize else vec
+
+    @staticmethod
+    def score(text_vectors: torch.Tensor, image_vectors: torch.Tensor) -> torch.Tensor:
+        """(Q, E) x (G, E) -> (Q, G) dot products."""
+        return text_vectors @ image_vectors.T
+
+    def stored_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint must hold: the parameters training changes, plus every text
+        parameter when no packaged weights can rebuild them."""
+        rebuilt = self.cfg.text.pretrained is not None
+        # logit_scale is kept even when frozen so that its setting travels with the model.
+        return {
+            n: p
+            for n, p in self.named_parameters()
+            if p.requires_grad or n == "logit_scale" or (not rebuilt and n.startswith("text."))
+        }

@@ -1,0 +1,134 @@
+"""Recall@K in both directions and AR, with the embeddings computed in batches.
+
+Text->image: every caption is a query; a hit at K when its image ranks in the top K.
+Image->text: every image is a query; a hit at K when any of its captions ranks in the top K.
+AR is the mean of the six recalls. Ranks are computed block by block, so the full
+caption x image score matrix never needs to be held at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lightningdot.data import Corpus
+from lightningdot.encoders import BiEncoder
+from lightningdot.errors import DataError
+from lightningdot.features import FeatureStore, RegionBatch, collate_regions
+from lightningdot.features.backbones import Backbone, load_image
+
+KS = (1, 5, 10)
+
+
+def t2i_ranks(
+    text: torch.Tensor, image: torch.Tensor, caption_image: torch.Tensor, block: int = 4096
+) -> torch.Tensor:
+    """0-based rank of each caption's own image among all images: (Q,).
+
+    Ties count against the query (an image scoring equal to the right one ranks above it), so a
+    degenerate model cannot look good.
+    """
+    out = []
+    for s in range(0, len(text), block):
+        scores = text[s : s + block] @ image.T  # (b, G)
+        own = scores.gather(1, caption_image[s : s + block, None])
+        out.append((scores >= own).sum(1) - 1)
+    return torch.cat(out)
+
+
+def i2t_ranks(
+    text: torch.Tensor, image: torch.Tensor, caption_image: torch.Tensor, block: int = 1024
+) -> torch.Tensor:
+    """0-based rank of the best-ranked own caption of each image among all captions: (G,)."""
+    out = []
+    for s in range(0, len(image), block):
+        scores = image[s : s + block] @ text.T  # (b, Q)
+        ids = torch.arange(s, s + scores.shape[0])
+        own = caption_image[None, :] == ids[:, None]  # (b, Q) True at the image's captions
+        best_own = scores.masked_fill(~own, float("-inf")).max(1, keepdim=True).values
+        # Rank of the best own caption: the captions that are not its own and score >= it.
+        out.append(((scores >= best_own) & ~own).sum(1))
+    return torch.cat(out)
+
+
+def recall_metrics(
+    text: torch.Tensor, image: torch.Tensor, caption_image: Sequence[int] | torch.Tensor
+) -> dict:
+    """Recall@1/5/10 (percent) both ways and AR, in the JSON layout `ldot evaluate` writes."""
+    caption_image = torch.as_tensor(caption_image, dtype=torch.long)
+    if len(text) != len(caption_image):
+        raise ValueError("one image index per caption is needed")
+    if len(image) == 0 or len(text) == 0:
+        raise DataError("cannot evaluate without images and captions")
+    text, image = text.float(), image.float()
+    t2i = t2i_ranks(text, image, caption_image)
+    i2t = i2t_ranks(text, image, caption_image)
+    res = {
+        "t2i": {f"r{k}": 100.0 * (t2i < k).float().mean().item() for k in KS},
+        "i2t": {f"r{k}": 100.0 * (i2t < k).float().mean().item() for k in KS},
+    }
+    res["ar"] = sum(res[d][f"r{k}"] for d in ("t2i", "i2t") for k in KS) / (2 * len(KS))
+    res["n_images"] = len(image)
+    res["n_captions"] = len(text)
+    return res
+
+
+@torch.inference_mode()
+def encode_texts(model: BiEncoder, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    return torch.cat(
+        [model.encode_text(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+    )
+
+
+@torch.inference_mode()
+def encode_region_batches(model: BiEncoder, batches) -> torch.Tensor:
+    return torch.cat([model.encode_image(b) for b in batches])
+
+
+def store_batches(store: FeatureStore, keys: list[str], batch_size: int = 256):
+    for i in range(0, len(keys), batch_size):
+        yield store.batch(keys[i : i + batch_size])
+
+
+def file_batches(
+    backbone: Backbone, paths: list[Path], batch_size: int = 32,
+    on_progress: Callable[[int], None] | None = None,
+):
+    """Regions straight from image files, for collections without a feature store."""
+    for i in range(0, len(paths), batch_size):
+        chunk = paths[i : i + batch_size]
+        pixels = torch.stack([backbone.preprocess(load_image(p)) for p in chunk])
+        yield collate_regions(backbone(pixels))
+        if on_progress:
+            on_progress(len(chunk))
+
+
+@dataclass
+class RetrievalEvaluator:
+    """Evaluates a BiEncoder on a corpus; the primary metric is AR."""
+
+    corpus: Corpus
+    regions: Callable[[], object]  # () -> iterable of RegionBatch in corpus order
+    primary_metric: str = "ar"
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __call__(self, model: BiEncoder) -> dict:
+        was_training = model.training
+        model.eval()
+        t0 = time.perf_counter()
+        image = encode_region_batches(model, self.regions())
+        t1 = time.perf_counter()
+        text = encode_texts(model, self.corpus.captions)
+        t2 = time.perf_counter()
+        model.train(was_training)
+        self.timings = {"encode_images_s": t1 - t0, "encode_texts_s": t2 - t1}
+        return recall_metrics(text, image, self.corpus.caption_image)
+
+
+def preload(store: FeatureStore, keys: list[str]) -> RegionBatch:
+    """All regions of `keys` in one batch (for training and repeated evaluation)."""
+    return store.batch(keys)

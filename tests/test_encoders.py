@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+from lightningdot.encoders import BiEncoder
+from lightningdot.errors import DataError
+from lightningdot.features import FeatureStore
+
+from conftest import tiny_model_config
+
+
+@pytest.fixture
+def model():
+    m = BiEncoder(tiny_model_config())
+    m.init_pretrained()
+    return m.eval()
+
+
+def test_batched_text_encoding_equals_one_by_one(model):
+    texts = ["a red picture", "something much longer than the first caption", "blue"]
+    with torch.no_grad():
+        batched = model.encode_text(texts)
+        single = torch.cat([model.encode_text([t]) for t in texts])
+    assert torch.allclose(batched, single, atol=1e-5)
+    assert torch.allclose(batched.norm(dim=-1), torch.ones(3))
+
+
+def test_batched_image_encoding_equals_one_by_one(model, store_dir):
+    store = FeatureStore(store_dir)
+    keys = store.keys()[:5]
+    with torch.no_grad():
+        batched = model.encode_image(store.batch(keys))
+        single = torch.cat([model.encode_image(store.batch([k])) for k in keys])
+    assert torch.allclose(batched, single, atol=1e-5)
+
+
+def test_padding_regions_do_not_change_the_image_vector(model, store_dir):
+    store = FeatureStore(store_dir)
+    b = store.batch(["img00.png"])
+    padded = type(b)(
+        torch.cat([b.features, torch.randn(1, 3, b.features.shape[-1])], 1),
+        torch.cat([b.boxes, torch.rand(1, 3, 7)], 1),
+        torch.cat([b.mask, torch.zeros(1, 3, dtype=torch.bool)], 1),
+    )
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(b), model.encode_image(padded), atol=1e-5)
+
+
+def test_score_is_the_dot_product(model):
+    t, i = torch.randn(2, 16), torch.randn(3, 16)
+    assert torch.allclose(model.score(t, i), t @ i.T)
+
+
+def test_empty_caption_is_refused(model):
+    with pytest.raises(DataError, match="empty"):
+        model.encode_text(["fine", "  "])
+
+
+def test_long_caption_is_truncated_with_one_warning(model):
+    long = "word " * 100
+    with pytest.warns(UserWarning, match="truncated"):
+        out = model.tokenize([long])
+    assert out["input_ids"].shape[1] == model.cfg.text.max_length
+
+
+def test_freezing_keeps_lower_layers_and_embeddings_fixed():
+    cfg = tiny_model_config()
+    cfg.text.trainable_layers = 1
+    m = BiEncoder(cfg)
+    m.init_pretrained()
+    names = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("text.bert.embeddings") for n in names)
+    assert not any(n.startswith("text.bert.encoder.layer.0.") for n in names)
+    assert any(n.startswith("text.bert.encoder.layer.1.") for n in names)
+    assert "logit_scale" in names and "text.proj.weight" in names
+    # Without packaged weights the frozen parts are random, so a checkpoint must hold them.
+    assert "text.bert.embeddings.word_embeddings.weight" in m.stored_state()
+
+
+def test_image_transformer_starts_from_text_layers():
+    m = BiEncoder(tiny_model_config())
+    m.init_pretrained()
+    a = m.image.bert.encoder.layer[0].state_dict()
+    b = m.text.bert.encoder.layer[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
