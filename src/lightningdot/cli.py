@@ -197,6 +197,32 @@ def print_metrics(m: dict) -> None:
     Console().print(table)
 
 
+@app.command()
+def demo(
+    model: Annotated[str, typer.Option(help="Shipped model name or model folder.")] = "default",
+    k: Annotated[int, typer.Option(help="Results per query.")] = 3,
+) -> None:
+    """Index sample photos (from scikit-image) and show ranked results for a few queries."""
+    from rich.table import Table
+
+    from lightningdot.demo import run_demo
+
+    with user_errors():
+        with console.status("encoding the gallery"):
+            results, info = run_demo(model, k)
+        out = Console()
+        out.print(f"indexed {info['images']} photos in {info['index_s']:.2f} s")
+        for r in results:
+            table = Table(title=f"{r.query!r}  (encode {r.encode_ms:.1f} ms, search {r.search_ms:.2f} ms)",
+                          title_justify="left")
+            table.add_column("rank", justify="right")
+            table.add_column("result")
+            table.add_column("score", justify="right")
+            for rank, hit in enumerate(r.hits, 1):
+                table.add_row(str(rank), hit.name, f"{hit.score:.3f}")
+            out.print(table)
+
+
 @app.callback()
 def _root() -> None:
     """LightningDOT: real-time image-text retrieval."""

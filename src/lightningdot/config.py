@@ -65,6 +65,9 @@ class ImageConfig:
     # Start the image transformer from the text encoder's bottom layers, as the paper starts
     # both encoders from UNITER/BERT.
     init_from_text: bool = True
+    # The [IMG] token's input is a learned vector plus the mean of the region tokens, so the
+    # global vector starts out as a mean pool that attention then refines (faster to train).
+    img_token_adds_mean: bool = True
 
     def __post_init__(self) -> None:
         if self.num_layers < 1:

@@ -9,6 +9,7 @@ Neither encoder sees the other modality, so image vectors can be computed once, 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -22,6 +23,21 @@ from lightningdot.features.regions import RegionBatch
 from lightningdot.pretrained import text_model_dir
 
 DEFAULT_TOKENIZER = "all-minilm-l6-v2"
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' load report and progress bar (the unused pooler is expected)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
 
 
 def bert_config(size: BertSize, dropout: float, vocab_size: int | None = None) -> BertConfig:
@@ -51,7 +67,8 @@ class TextEncoder(nn.Module):
         if self.cfg.pretrained is None:
             return
         folder = text_model_dir(self.cfg.pretrained)
-        ref = BertModel.from_pretrained(folder, add_pooling_layer=False)
+        with quiet_transformers():
+            ref = BertModel.from_pretrained(folder, add_pooling_layer=False)
         got = ref.config
         want = self.cfg.size
         if (got.hidden_size, got.num_hidden_layers, got.vocab_size) != (
@@ -125,7 +142,11 @@ class ImageEncoder(nn.Module):
         """Regions -> (B, 1 + R, H) states; position 0 is [IMG]."""
         tokens = self.embed(regions, masked)
         b = tokens.shape[0]
-        tokens = torch.cat([self.img_token.expand(b, 1, -1).to(tokens.dtype), tokens], dim=1)
+        img = self.img_token.expand(b, -1).to(tokens.dtype)
+        if self.cfg.img_token_adds_mean:
+            m = regions.mask.unsqueeze(-1).to(tokens.dtype)
+            img = img + (tokens * m).sum(1) / m.sum(1).clamp_min(1.0)
+        tokens = torch.cat([img.unsqueeze(1), tokens], dim=1)
         mask = torch.cat([regions.mask.new_ones(b, 1), regions.mask], dim=1).long()
         zeros = torch.zeros_like(mask)
         out = self.bert(

@@ -41,6 +41,15 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def init_distributed() -> None:
+    """Join the process group torchrun describes in the environment (a no-op outside it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
 def gather_across_ranks(x: torch.Tensor) -> torch.Tensor:
     """Concatenate a tensor from every rank, keeping the gradient of this rank's part."""
     if world()[1] == 1:
@@ -247,6 +256,7 @@ def train(
     Resumes from `out/last` when it holds a run of the same recipe. Returns the best metrics.
     """
     out = Path(out)
+    init_distributed()
     rank, world_size = world()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     if cfg.threads:
@@ -343,11 +353,15 @@ def train(
         seconds = time.perf_counter() - t0
         record = {
             "epoch": epoch + 1,
+            "world_size": world_size,
             "seconds": round(seconds, 2),
             "pairs_per_s": round(steps_per_epoch * cfg.batch_size * world_size / seconds, 2),
             "loss": {k: round(v / steps_per_epoch, 5) for k, v in sums.items()},
             "temperature": round(1.0 / float(model.logit_scale.detach().exp()), 5),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
         }
+        if device.type == "cuda":
+            record["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         if evaluator is not None and rank == 0:
             metrics = evaluator(model)
             record["val"] = metrics
@@ -362,6 +376,15 @@ def train(
     if evaluator is None:
         return {}
     return best
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def batches_of(regions: RegionBatch, size: int):

@@ -1,0 +1,98 @@
+"""`ldot demo`: index a gallery of real photos with the default model and query it both ways.
+
+The gallery is scikit-image's sample photographs (they ship inside its wheel), so the demo needs
+no download beyond the package registry.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from lightningdot.checkpoint import load_model
+from lightningdot.errors import DataError
+from lightningdot.evaluate import file_batches
+from lightningdot.features import create_backbone
+
+# Photographs among scikit-image's bundled data (the rest are charts, scans or binary masks).
+GALLERY = [
+    "astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png", "coins.png",
+    "grass.png", "gravel.png", "hubble_deep_field.jpg", "moon.png", "motorcycle_left.png",
+    "rocket.jpg", "retina.jpg", "page.png", "clock_motion.png", "horse.png",
+]
+TEXT_QUERIES = [
+    "a cat lying down",
+    "a cup of coffee on a table",
+    "a rocket on the launch pad",
+    "a motorcycle parked indoors",
+    "a woman in a space suit",
+    "a man with a camera",
+]
+IMAGE_QUERY = "chelsea.png"
+
+
+def gallery_dir() -> Path:
+    try:
+        import skimage.data
+    except ImportError as e:
+        raise DataError("the demo gallery ships with scikit-image: pip install scikit-image") from e
+    return Path(skimage.data.__file__).parent
+
+
+@dataclass
+class Hit:
+    name: str
+    score: float
+
+
+@dataclass
+class DemoResult:
+    query: str
+    hits: list[Hit]
+    encode_ms: float
+    search_ms: float
+
+
+def run_demo(model_name: str = "default", k: int = 3) -> tuple[list[DemoResult], dict[str, float]]:
+    folder = gallery_dir()
+    paths = [folder / name for name in GALLERY if (folder / name).is_file()]
+    if not paths:
+        raise DataError(f"no sample photos found in {folder}")
+    model = load_model(model_name)
+    backbone = create_backbone(model.cfg.backbone)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        image_vecs = torch.cat([model.encode_image(b) for b in file_batches(backbone, paths)])
+    index_s = time.perf_counter() - t0
+    index = faiss.IndexFlatIP(image_vecs.shape[1])
+    index.add(image_vecs.numpy().astype(np.float32))
+    names = [p.name for p in paths]
+    results = []
+    with torch.inference_mode():
+        for q in TEXT_QUERIES:
+            t1 = time.perf_counter()
+            vec = model.encode_text([q]).numpy()
+            t2 = time.perf_counter()
+            scores, ids = index.search(vec, k)
+            t3 = time.perf_counter()
+            hits = [Hit(names[i], float(s)) for s, i in zip(scores[0], ids[0], strict=True)]
+            results.append(DemoResult(q, hits, 1e3 * (t2 - t1), 1e3 * (t3 - t2)))
+        # Image query: the image vector against the demo captions (image->text) and the gallery.
+        t1 = time.perf_counter()
+        (query_regions,) = list(file_batches(backbone, [folder / IMAGE_QUERY]))
+        vec = model.encode_image(query_regions)
+        t2 = time.perf_counter()
+        text_vecs = model.encode_text(TEXT_QUERIES)
+        caption_scores = (vec @ text_vecs.T)[0]
+        scores, ids = index.search(vec.numpy(), k + 1)
+        t3 = time.perf_counter()
+        best = caption_scores.topk(2)
+        hits = [Hit(f"caption: {TEXT_QUERIES[i]}", float(s)) for s, i in zip(best.values, best.indices, strict=True)]
+        hits += [Hit(names[i], float(s)) for s, i in zip(scores[0], ids[0], strict=True) if names[i] != IMAGE_QUERY]
+        results.append(DemoResult(f"[image] {IMAGE_QUERY}", hits, 1e3 * (t2 - t1), 1e3 * (t3 - t2)))
+    return results, {"images": len(paths), "index_s": index_s}
