@@ -44,23 +44,27 @@ def main() -> None:
         forward.append(len(paths) / (time.perf_counter() - t0))
         out = Path(tempfile.mkdtemp())
         try:
-            summary = extract_images([(p.name, p) for p in paths], out / "store", backbone, args.batch_size)
+            summary = extract_images(
+                [(p.name, p) for p in paths], out / "store", backbone, args.batch_size
+            )
         finally:
             shutil.rmtree(out)
         full.append(summary.images_per_second)
     f, e = statistics.median(forward), statistics.median(full)
-    body = "\n".join([
-        "## Feature extraction throughput (EfficientNet-Lite2, 260 px, 9x9 grid)",
-        "",
-        f"Machine: {machine()}; commit {commit()}. {len(paths)} Flickr8k images, batch {args.batch_size}, "
-        f"median of {args.repeats}. Reproduce: `python benchmarks/extraction.py`.",
-        "",
-        "| stage | images/s |",
-        "|---|---|",
-        f"| backbone forward only (`extract_features`, pixels ready) | {f:.1f} |",
-        f"| `ldot extract` path (decode + forward + per-cell classifier + shard writes) | {e:.1f} |",
-        f"| ratio end-to-end / forward | {e / f:.2f} |",
-    ])
+    body = "\n".join(
+        [
+            "## Feature extraction throughput (EfficientNet-Lite2, 260 px, 9x9 grid)",
+            "",
+            f"Machine: {machine()}; commit {commit()}. {len(paths)} Flickr8k images, batch {args.batch_size}, "
+            f"median of {args.repeats}. Reproduce: `python benchmarks/extraction.py`.",
+            "",
+            "| stage | images/s |",
+            "|---|---|",
+            f"| backbone forward only (`extract_features`, pixels ready) | {f:.1f} |",
+            f"| `ldot extract` path (decode + forward + per-cell classifier + shard writes) | {e:.1f} |",
+            f"| ratio end-to-end / forward | {e / f:.2f} |",
+        ]
+    )
     write_section("extraction", body)
     print(body)
 

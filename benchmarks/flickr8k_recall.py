@@ -40,13 +40,18 @@ RECIPES = ROOT / "recipes"
 STAGES = [  # (run name, recipe, row label or None for a stage that is not a row)
     ("finetune-cmr", "finetune-cmr.toml", "LightningDOT, CMR fine-tuning only"),
     ("pretrain", "pretrain.toml", None),
-    ("finetune-after-pretrain", "finetune-after-pretrain.toml",
-     "LightningDOT, VMLM+SMRM+CMR pre-training, then CMR fine-tuning"),
+    (
+        "finetune-after-pretrain",
+        "finetune-after-pretrain.toml",
+        "LightningDOT, VMLM+SMRM+CMR pre-training, then CMR fine-tuning",
+    ),
 ]
 
 
 def fmt(m: dict) -> list[str]:
-    return [f"{m[d][k]:.1f}" for d in ("t2i", "i2t") for k in ("r1", "r5", "r10")] + [f"{m['ar']:.1f}"]
+    return [f"{m[d][k]:.1f}" for d in ("t2i", "i2t") for k in ("r1", "r5", "r10")] + [
+        f"{m['ar']:.1f}"
+    ]
 
 
 def run_stats(run: Path) -> str:

@@ -1,6 +1,6 @@
 """The floor: frozen mean-pooled image features and frozen mean-pooled MiniLM, a linear head each.
 
-    python benchmarks/linear_probe.py --data ../shared/data/flickr8k --features .cache/features/flickr8k-lite2
+python benchmarks/linear_probe.py --data ../shared/data/flickr8k --features .cache/features/flickr8k-lite2
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
 from lightningdot.data import read_karpathy
+from lightningdot.encoders import quiet_transformers
 from lightningdot.evaluate import recall_metrics
 from lightningdot.features import FeatureStore
 from lightningdot.objectives import cmr_loss
@@ -21,16 +22,26 @@ from lightningdot.pretrained import text_model_dir
 
 
 @torch.inference_mode()
-def minilm_mean(texts: list[str], batch: int = 512) -> torch.Tensor:
+def minilm_mean(texts: list[str], batch: int = 256) -> torch.Tensor:
+    """Frozen all-MiniLM-L6-v2 sentence embeddings (mean pooling, as it was trained)."""
     folder = text_model_dir("all-minilm-l6-v2")
-    tok, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
-    out = []
+    with quiet_transformers():
+        tok, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less padding per batch
+    out = torch.empty(len(texts), model.config.hidden_size)
     for s in range(0, len(texts), batch):
-        enc = tok(texts[s : s + batch], padding=True, truncation=True, max_length=64, return_tensors="pt")
+        idx = order[s : s + batch]
+        enc = tok(
+            [texts[i] for i in idx],
+            padding=True,
+            truncation=True,
+            max_length=40,
+            return_tensors="pt",
+        )
         h = model(**enc).last_hidden_state
         m = enc["attention_mask"].unsqueeze(-1).float()
-        out.append((h * m).sum(1) / m.sum(1))
-    return torch.cat(out)
+        out[idx] = (h * m).sum(1) / m.sum(1)
+    return out
 
 
 def mean_regions(store: FeatureStore, keys: list[str]) -> torch.Tensor:
@@ -39,7 +50,7 @@ def mean_regions(store: FeatureStore, keys: list[str]) -> torch.Tensor:
     return (b.features.float() * m).sum(1) / m.sum(1)
 
 
-def run_probe(annotations: Path, features: Path, epochs: int = 30, seed: int = 0) -> dict:
+def run_probe(annotations: Path, features: Path, epochs: int = 20, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     store = FeatureStore(features)
     train, val = read_karpathy(annotations, "train"), read_karpathy(annotations, "val")
@@ -53,22 +64,19 @@ def run_probe(annotations: Path, features: Path, epochs: int = 30, seed: int = 0
     scale = torch.nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1 / 0.05)))))
     params = [*w_img.parameters(), *w_txt.parameters(), scale]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
-    n = len(train.images)
-    offsets = torch.tensor([0] + [len(im.captions) for im in train.images]).cumsum(0)
-    counts = torch.tensor([len(im.captions) for im in train.images])
+    # Every caption is a training pair each epoch; a batch of 128 of the 30,000 rarely holds two
+    # captions of one image, so in-batch negatives are (almost always) true negatives.
     for _ in range(epochs):
-        order = torch.randperm(n)
-        for s in range(0, n - 127, 128):
-            idx = order[s : s + 128]
-            cap = offsets[idx] + (torch.rand(len(idx)) * counts[idx]).long()
+        order = torch.randperm(len(cap_img))
+        for s in range(0, len(order) - 127, 128):
+            cap = order[s : s + 128]
             t = F.normalize(w_txt(txt_tr[cap]), dim=-1)
-            i = F.normalize(w_img(img_tr[idx]), dim=-1)
+            i = F.normalize(w_img(img_tr[cap_img[cap]]), dim=-1)
             losses = cmr_loss(t, i, scale)
             loss = (losses["cmr_t2i"] + losses["cmr_i2t"]) / 2
             opt.zero_grad()
             loss.backward()
             opt.step()
-    assert len(cap_img) == len(txt_tr)
     with torch.no_grad():
         t = F.normalize(w_txt(txt_va), dim=-1)
         i = F.normalize(w_img(img_va), dim=-1)

@@ -11,10 +11,33 @@ import torch
 from PIL import Image
 
 from lightningdot.config import BertSize, ImageConfig, ModelConfig, TextConfig
-from lightningdot.features import FeatureStoreWriter, RegionFeatures, StoreInfo, grid_boxes
+from lightningdot.features import (
+    Backbone,
+    FeatureStoreWriter,
+    RegionFeatures,
+    StoreInfo,
+    grid_boxes,
+    register_backbone,
+)
 
 COLOURS = ["red", "green", "blue", "yellow", "black", "white", "purple", "orange"]
 FEATURE_DIM, NUM_CLASSES, GRID = 16, 10, 2
+
+
+@register_backbone("test-colour")
+class ColourBackbone(Backbone):
+    """A stand-in backbone: 4 regions whose features start with the mean colour of a quadrant."""
+
+    name, feature_dim, num_classes, image_size = "test-colour", FEATURE_DIM, NUM_CLASSES, 8
+
+    def preprocess(self, image):
+        return torch.from_numpy(np.asarray(image.resize((8, 8)), dtype=np.float32)).permute(2, 0, 1)
+
+    def forward(self, pixels):
+        q = torch.nn.functional.avg_pool2d(pixels, 4).flatten(2).transpose(1, 2)  # (B, 4, 3)
+        feats = torch.cat([q, torch.zeros(*q.shape[:2], FEATURE_DIM - 3)], -1)
+        soft = torch.full((4, NUM_CLASSES), 1.0 / NUM_CLASSES)
+        return [RegionFeatures(feats[i], grid_boxes(2, 2), soft) for i in range(len(q))]
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
@@ -23,6 +46,7 @@ def tiny_model_config(**overrides) -> ModelConfig:
         text=TextConfig(pretrained=None, size=size, trainable_layers=2, max_length=16),
         image=ImageConfig(feature_dim=FEATURE_DIM, num_classes=NUM_CLASSES, num_layers=1),
         embed_dim=16,
+        backbone="test-colour",
         **overrides,
     )
 
@@ -38,11 +62,18 @@ def corpus_dir(tmp_path: Path) -> Path:
         Image.new("RGB", (32, 24), colour).save(images / name)
         split = "train" if i < 8 else "val"
         caps = [f"a {colour} picture", f"something {colour}"]
-        entries.append({
-            "filename": name, "imgid": i, "split": split, "sentids": [2 * i, 2 * i + 1],
-            "sentences": [{"raw": c, "tokens": c.split(), "imgid": i, "sentid": 2 * i + j}
-                          for j, c in enumerate(caps)],
-        })
+        entries.append(
+            {
+                "filename": name,
+                "imgid": i,
+                "split": split,
+                "sentids": [2 * i, 2 * i + 1],
+                "sentences": [
+                    {"raw": c, "tokens": c.split(), "imgid": i, "sentid": 2 * i + j}
+                    for j, c in enumerate(caps)
+                ],
+            }
+        )
     (tmp_path / "captions.json").write_text(json.dumps({"dataset": "tiny", "images": entries}))
     return tmp_path
 
@@ -54,10 +85,14 @@ def write_store(root: Path, keys: list[str], seed: int = 0) -> None:
     with FeatureStoreWriter(root, info, shard_size=5) as w:
         for k in keys:
             n = GRID * GRID
-            w.add(k, RegionFeatures(
-                torch.randn(n, FEATURE_DIM, generator=g), grid_boxes(GRID, GRID),
-                torch.softmax(torch.randn(n, NUM_CLASSES, generator=g), -1),
-            ))
+            w.add(
+                k,
+                RegionFeatures(
+                    torch.randn(n, FEATURE_DIM, generator=g),
+                    grid_boxes(GRID, GRID),
+                    torch.softmax(torch.randn(n, NUM_CLASSES, generator=g), -1),
+                ),
+            )
 
 
 @pytest.fixture

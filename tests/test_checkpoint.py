@@ -2,14 +2,13 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model_config
 from safetensors import safe_open
 
 from lightningdot.checkpoint import load_model, save_model
 from lightningdot.config import ImageConfig, ModelConfig, TextConfig
 from lightningdot.encoders import BiEncoder
 from lightningdot.errors import ConfigMismatchError, DataError
-
-from conftest import tiny_model_config
 
 
 def trained_model() -> BiEncoder:
@@ -26,7 +25,9 @@ def test_round_trip_reproduces_embeddings(tmp_path):
     save_model(tmp_path / "m", m)
     loaded = load_model(tmp_path / "m")
     with torch.no_grad():
-        assert torch.allclose(m.encode_text(["a red cat"]), loaded.encode_text(["a red cat"]), atol=1e-6)
+        assert torch.allclose(
+            m.encode_text(["a red cat"]), loaded.encode_text(["a red cat"]), atol=1e-6
+        )
 
 
 def test_packaged_weights_are_not_stored_and_fp16_round_trips(tmp_path):
@@ -43,7 +44,9 @@ def test_packaged_weights_are_not_stored_and_fp16_round_trips(tmp_path):
     with safe_open(tmp_path / "m" / "model.safetensors", "pt") as f:
         keys = list(f.keys())
         assert all(f.get_tensor(k).dtype == torch.float16 for k in keys)
-    assert not any(k.startswith(("text.bert.embeddings", "text.bert.encoder.layer.0.")) for k in keys)
+    assert not any(
+        k.startswith(("text.bert.embeddings", "text.bert.encoder.layer.0.")) for k in keys
+    )
     assert any(k.startswith("text.bert.encoder.layer.5.") for k in keys)
     loaded = load_model(tmp_path / "m")
     with torch.no_grad():

@@ -1,24 +1,30 @@
 import json
 
 import torch
+from conftest import tiny_model_config
 from typer.testing import CliRunner
 
 from lightningdot.checkpoint import save_model
 from lightningdot.cli import app
 from lightningdot.encoders import BiEncoder
-from lightningdot.features import FeatureStore, register_backbone
-
-from conftest import tiny_model_config
-from test_features import ColourBackbone
+from lightningdot.features import FeatureStore
 
 runner = CliRunner()
-register_backbone("test-colour")(ColourBackbone)
 
 
 def test_extract_command_reports_skips_and_resumes(corpus_dir, tmp_path):
     (corpus_dir / "images" / "img03.png").write_bytes(b"broken")
-    args = ["extract", "--images", str(corpus_dir / "images"), "--out", str(tmp_path / "s"),
-            "--annotations", str(corpus_dir / "captions.json"), "--backbone", "test-colour"]
+    args = [
+        "extract",
+        "--images",
+        str(corpus_dir / "images"),
+        "--out",
+        str(tmp_path / "s"),
+        "--annotations",
+        str(corpus_dir / "captions.json"),
+        "--backbone",
+        "test-colour",
+    ]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "11 extracted" in r.output and "1 failed" in r.output and "img03.png" in r.output
@@ -28,7 +34,9 @@ def test_extract_command_reports_skips_and_resumes(corpus_dir, tmp_path):
 
 
 def test_user_errors_exit_2_without_traceback(tmp_path):
-    r = runner.invoke(app, ["extract", "--images", str(tmp_path / "nope"), "--out", str(tmp_path / "s")])
+    r = runner.invoke(
+        app, ["extract", "--images", str(tmp_path / "nope"), "--out", str(tmp_path / "s")]
+    )
     assert r.exit_code == 2
     assert "image folder not found" in r.output and "Traceback" not in r.output
 
@@ -38,11 +46,24 @@ def test_evaluate_json_layout(corpus_dir, store_dir, tmp_path):
     model.init_pretrained()
     save_model(tmp_path / "model", model)
     out = tmp_path / "m.json"
-    r = runner.invoke(app, [
-        "evaluate", "--annotations", str(corpus_dir / "captions.json"), "--images",
-        str(corpus_dir / "images"), "--split", "val", "--model", str(tmp_path / "model"),
-        "--features", str(store_dir), "--json", str(out),
-    ])
+    r = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--annotations",
+            str(corpus_dir / "captions.json"),
+            "--images",
+            str(corpus_dir / "images"),
+            "--split",
+            "val",
+            "--model",
+            str(tmp_path / "model"),
+            "--features",
+            str(store_dir),
+            "--json",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     m = json.loads(out.read_text())
     assert set(m) == {"t2i", "i2t", "ar", "n_images", "n_captions"}
@@ -60,8 +81,18 @@ def test_evaluate_json_layout(corpus_dir, store_dir, tmp_path):
 
 
 def test_evaluate_unknown_split_is_a_clear_error(corpus_dir):
-    r = runner.invoke(app, ["evaluate", "--annotations", str(corpus_dir / "captions.json"),
-                            "--images", str(corpus_dir / "images"), "--split", "test"])
+    r = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--annotations",
+            str(corpus_dir / "captions.json"),
+            "--images",
+            str(corpus_dir / "images"),
+            "--split",
+            "test",
+        ],
+    )
     assert r.exit_code == 2 and "no split 'test'" in r.output
 
 

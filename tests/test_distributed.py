@@ -7,10 +7,9 @@ import sys
 from dataclasses import asdict
 
 import pytest
+from conftest import tiny_model_config
 
 from lightningdot.config import DataConfig, TrainConfig
-
-from conftest import tiny_model_config
 
 
 @pytest.mark.slow
@@ -18,12 +17,25 @@ def test_two_process_finetune(corpus_dir, store_dir, tmp_path):
     cfg = TrainConfig(
         model=tiny_model_config(),
         data=DataConfig(str(corpus_dir / "captions.json"), str(store_dir)),
-        epochs=2, batch_size=2,
+        epochs=2,
+        batch_size=2,
     )
     (tmp_path / "r.json").write_text(json.dumps(asdict(cfg)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29517", "-m", "lightningdot.cli", "finetune", str(tmp_path / "r.json"),
-           "--out", str(tmp_path / "run")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "lightningdot.cli",
+        "finetune",
+        str(tmp_path / "r.json"),
+        "--out",
+        str(tmp_path / "run"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]

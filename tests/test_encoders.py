@@ -1,11 +1,10 @@
 import pytest
 import torch
+from conftest import tiny_model_config
 
 from lightningdot.encoders import BiEncoder
 from lightningdot.errors import DataError
 from lightningdot.features import FeatureStore
-
-from conftest import tiny_model_config
 
 
 @pytest.fixture

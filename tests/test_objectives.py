@@ -41,8 +41,13 @@ def test_smrm_by_hand():
 
 
 def test_smrm_without_distribution_has_no_kl_term():
-    out = smrm_loss(torch.zeros(1, 1, 2), torch.ones(1, 1, 2), torch.zeros(1, 1, 3), None,
-                    torch.ones(1, 1, dtype=torch.bool))
+    out = smrm_loss(
+        torch.zeros(1, 1, 2),
+        torch.ones(1, 1, 2),
+        torch.zeros(1, 1, 3),
+        None,
+        torch.ones(1, 1, dtype=torch.bool),
+    )
     assert set(out) == {"smrm_mrfr"}
 
 

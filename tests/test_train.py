@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model_config
 
 from lightningdot.checkpoint import load_model
 from lightningdot.config import DataConfig, ObjectiveWeights, TrainConfig, load_config
@@ -10,14 +11,15 @@ from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.features import FeatureStore
 from lightningdot.train import PretrainingModel, total_loss, train
 
-from conftest import tiny_model_config
-
 
 def recipe(corpus_dir, store_dir, **kw) -> TrainConfig:
     base = dict(
         model=tiny_model_config(),
         data=DataConfig(str(corpus_dir / "captions.json"), str(store_dir)),
-        epochs=2, batch_size=4, lr=1e-3, text_lr=1e-3,
+        epochs=2,
+        batch_size=4,
+        lr=1e-3,
+        text_lr=1e-3,
     )
     base.update(kw)
     return TrainConfig(**base)

@@ -6,9 +6,9 @@ stores just its trained parameters. Names such as "default" resolve to folders i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,9 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None) -> Path:
         return shipped_model_dir(str(name_or_path or "default"))
     path = Path(name_or_path)
     if not path.exists():
-        raise DataError(f"no model {str(name_or_path)!r}: neither a shipped name {SHIPPED} nor a folder")
+        raise DataError(
+            f"no model {str(name_or_path)!r}: neither a shipped name {SHIPPED} nor a folder"
+        )
     return path
 
 
@@ -49,7 +51,9 @@ def save_model(
     folder = Path(folder)
     state = {k: v.to(dtype) for k, v in model.stored_state().items()}
     write_safetensors(folder / "model.safetensors", state, metadata={"format": str(FORMAT)})
-    write_json(folder / "config.json", {"format": FORMAT, "model": to_dict(model.cfg), **(extra or {})})
+    write_json(
+        folder / "config.json", {"format": FORMAT, "model": to_dict(model.cfg), **(extra or {})}
+    )
 
 
 def read_model_config(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
@@ -93,6 +97,15 @@ def load_state_into(model: BiEncoder, weights: Path) -> None:
                 param.copy_(state[name].to(param.dtype))
 
 
+def model_identity(model: BiEncoder) -> str:
+    """A fingerprint of the config and every stored parameter: indexes record who made them."""
+    h = hashlib.sha256(json.dumps(to_dict(model.cfg), sort_keys=True).encode())
+    for name, tensor in sorted(model.stored_state().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to(torch.float16).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def load_model(name_or_path: str | os.PathLike[str] | None = "default") -> BiEncoder:
     """Build a BiEncoder from a shipped name or a model folder, in eval mode, on the CPU."""
     folder = resolve_model(name_or_path)
@@ -101,15 +114,3 @@ def load_model(name_or_path: str | os.PathLike[str] | None = "default") -> BiEnc
     model.init_pretrained()
     load_state_into(model, folder / "model.safetensors")
     return model.eval()
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written folder into place, keeping the old one until the new one is there."""
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -112,7 +111,9 @@ def _train(recipe: Path, out: Path, mode: str) -> None:
 
             def on_step(epoch: int, step: int, steps: int, losses: dict[str, float]) -> None:
                 bar.update(
-                    task, total=steps, completed=step + 1,
+                    task,
+                    total=steps,
+                    completed=step + 1,
                     description=f"{mode} epoch {epoch + 1}/{cfg.epochs} loss {losses['loss']:.3f}",
                 )
 
@@ -177,7 +178,9 @@ def evaluate(
 
                 def regions():
                     paths = [images / k for k in keys]
-                    yield from file_batches(backbone, paths, on_progress=lambda n: bar.advance(task, n))
+                    yield from file_batches(
+                        backbone, paths, on_progress=lambda n: bar.advance(task, n)
+                    )
 
             metrics = RetrievalEvaluator(corpus, regions)(net)
         print_metrics(metrics)
@@ -198,6 +201,162 @@ def print_metrics(m: dict) -> None:
 
 
 @app.command()
+def index(
+    out: Annotated[Path, typer.Option(help="Index folder to write (or grow with --add).")],
+    images: Annotated[Path, typer.Option(help="Folder of the images.")],
+    annotations: Annotated[
+        Path | None, typer.Option(help="Karpathy-format file naming the images and captions.")
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="Only this split of the annotations.")] = None,
+    model: Annotated[str, typer.Option(help="Shipped model name or model folder.")] = "default",
+    factory: Annotated[str, typer.Option(help='FAISS factory string, e.g. "HNSW32".')] = "Flat",
+    features: Annotated[
+        Path | None, typer.Option(help="Feature store of the images (else extracted here).")
+    ] = None,
+    add: Annotated[
+        bool, typer.Option("--add", help="Add new images to an existing index.")
+    ] = False,
+) -> None:
+    """Encode a collection into a FAISS index (images, and captions when known)."""
+    from lightningdot.checkpoint import load_model
+    from lightningdot.features import FeatureStore
+    from lightningdot.index import IndexConfig
+    from lightningdot.retrieval import Retriever, add_to_index, build_index
+
+    with user_errors():
+        corpus = _corpus(annotations, images, split)
+        store = FeatureStore(features) if features is not None else None
+        with progress_bar() as bar:
+            task = bar.add_task("encoding images", total=len(corpus.images))
+
+            def advance(n: int) -> None:
+                bar.advance(task, n)
+
+            if add:
+                retriever = Retriever.open(out, None if model == "default" else model, mmap=False)
+                n = add_to_index(retriever, corpus, images, store, advance)
+                console.print(f"added {n} new image(s); {len(retriever.images)} in {out}")
+                return
+            net = load_model(model)
+            built = build_index(
+                net, model, corpus, images, out, IndexConfig(factory=factory), store, advance
+            )
+        console.print(
+            ", ".join(f"{len(ix)} {name}" for name, ix in built.indexes.items()) + f" -> {out}"
+        )
+        if built.recall_at_10 is not None:
+            console.print(
+                f"{factory}: recall@10 against exact search = {built.recall_at_10:.3f} "
+                f"({built.recall_queries} sample queries)"
+            )
+
+
+@app.command()
+def search(
+    index_dir: Annotated[Path, typer.Argument(help="Index folder from `ldot index`.")],
+    queries: Annotated[list[str] | None, typer.Argument(help="Text queries (text->image).")] = None,
+    image: Annotated[
+        list[Path] | None, typer.Option(help="Image query file(s) (image->text); repeatable.")
+    ] = None,
+    images: Annotated[
+        bool, typer.Option("--similar", help="With --image: similar images instead of captions.")
+    ] = False,
+    k: Annotated[int, typer.Option(help="Results per query.")] = 10,
+    model: Annotated[
+        str | None, typer.Option(help="Model (default: the one that built the index).")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Search an index with text queries, or with image files."""
+    import dataclasses
+    import json
+
+    from rich.table import Table
+
+    from lightningdot.retrieval import Retriever
+
+    with user_errors():
+        if not queries and not image:
+            raise LightningDotError("give a text query or --image FILE")
+        if k < 1:
+            raise LightningDotError("--k must be at least 1")
+        retriever = Retriever.open(index_dir, model)
+        if image:
+            labels = [str(p) for p in image]
+            answers = retriever.search_image(list(image), k, "images" if images else "captions")
+        else:
+            labels = list(queries or [])
+            answers = retriever.search_text(labels, k)
+        if json_out:
+            payload = [
+                {
+                    "query": q,
+                    "results": [dataclasses.asdict(r) for r in a.results],
+                    "timing_ms": a.timing_ms,
+                }
+                for q, a in zip(labels, answers, strict=True)
+            ]
+            print(
+                json.dumps(
+                    payload if len(payload) > 1 else payload[0], ensure_ascii=False, indent=1
+                )
+            )
+            return
+        out = Console()
+        for q, a in zip(labels, answers, strict=True):
+            t = a.timing_ms
+            table = Table(
+                title=f"{q!r}  (encode {t['encode']:.1f} ms, search {t['search']:.2f} ms)",
+                title_justify="left",
+            )
+            for col in ("rank", "score", "image", "caption"):
+                table.add_column(col)
+            for rank, r in enumerate(a.results, 1):
+                table.add_row(str(rank), f"{r.score:.3f}", r.path or "", r.caption or "")
+            out.print(table)
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="Model folder to export (e.g. runs/NAME/best).")],
+    out: Annotated[
+        Path, typer.Option(help="Folder to write, e.g. src/lightningdot/weights/default.")
+    ],
+    dtype: Annotated[str, typer.Option(help="float16, bfloat16 or float32.")] = "float16",
+    force: Annotated[
+        bool, typer.Option(help="Replace a model with a better recorded val AR.")
+    ] = False,
+) -> None:
+    """Write a compact copy of a model (trained parameters only, in a small dtype).
+
+    Refuses to replace a model whose recorded validation AR is higher, unless --force.
+    """
+    import torch
+
+    from lightningdot.checkpoint import load_model, read_model_config, resolve_model, save_model
+
+    with user_errors():
+        dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+        if dtype not in dtypes:
+            raise LightningDotError(f"--dtype must be one of {sorted(dtypes)}")
+        _, meta = read_model_config(resolve_model(model))
+        new_ar = meta.get("val", {}).get("ar")
+        if (out / "config.json").is_file() and not force:
+            _, old = read_model_config(out)
+            old_ar = old.get("val", {}).get("ar")
+            if old_ar is not None and (new_ar is None or new_ar < old_ar):
+                raise LightningDotError(
+                    f"{out} holds a model with val AR {old_ar:.2f}, this one has "
+                    f"{'none recorded' if new_ar is None else f'{new_ar:.2f}'}; use --force to replace it"
+                )
+        net = load_model(model)
+        extra = {k: meta[k] for k in ("val", "epoch", "train") if k in meta}
+        save_model(out, net, dtypes[dtype], extra)
+        size = (out / "model.safetensors").stat().st_size / 2**20
+        console.print(f"wrote {out} ({size:.1f} MiB of weights, {dtype})")
+
+
+@app.command()
 def demo(
     model: Annotated[str, typer.Option(help="Shipped model name or model folder.")] = "default",
     k: Annotated[int, typer.Option(help="Results per query.")] = 3,
@@ -213,8 +372,10 @@ def demo(
         out = Console()
         out.print(f"indexed {info['images']} photos in {info['index_s']:.2f} s")
         for r in results:
-            table = Table(title=f"{r.query!r}  (encode {r.encode_ms:.1f} ms, search {r.search_ms:.2f} ms)",
-                          title_justify="left")
+            table = Table(
+                title=f"{r.query!r}  (encode {r.encode_ms:.1f} ms, search {r.search_ms:.2f} ms)",
+                title_justify="left",
+            )
             table.add_column("rank", justify="right")
             table.add_column("result")
             table.add_column("score", justify="right")

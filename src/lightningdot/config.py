@@ -186,7 +186,11 @@ def diff_configs(a: Any, b: Any, prefix: str = "") -> list[str]:
 
     def walk(x: Any, y: Any, name: str) -> list[str]:
         if isinstance(x, dict) and isinstance(y, dict):
-            return [d for k in sorted(set(x) | set(y)) for d in walk(x.get(k), y.get(k), f"{name}.{k}" if name else k)]
+            return [
+                d
+                for k in sorted(set(x) | set(y))
+                for d in walk(x.get(k), y.get(k), f"{name}.{k}" if name else k)
+            ]
         return [] if x == y else [f"{name}: {x!r} != {y!r}"]
 
     return walk(da, db, prefix)

@@ -81,9 +81,7 @@ def read_image_folder(root: str | Path) -> Corpus:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
-    files = sorted(
-        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
     return Corpus([ImageRecord(p.relative_to(root).as_posix()) for p in files])

@@ -21,9 +21,22 @@ from lightningdot.features import create_backbone
 
 # Photographs among scikit-image's bundled data (the rest are charts, scans or binary masks).
 GALLERY = [
-    "astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png", "coins.png",
-    "grass.png", "gravel.png", "hubble_deep_field.jpg", "moon.png", "motorcycle_left.png",
-    "rocket.jpg", "retina.jpg", "page.png", "clock_motion.png", "horse.png",
+    "astronaut.png",
+    "brick.png",
+    "camera.png",
+    "chelsea.png",
+    "coffee.png",
+    "coins.png",
+    "grass.png",
+    "gravel.png",
+    "hubble_deep_field.jpg",
+    "moon.png",
+    "motorcycle_left.png",
+    "rocket.jpg",
+    "retina.jpg",
+    "page.png",
+    "clock_motion.png",
+    "horse.png",
 ]
 TEXT_QUERIES = [
     "a cat lying down",
@@ -92,7 +105,14 @@ def run_demo(model_name: str = "default", k: int = 3) -> tuple[list[DemoResult],
         scores, ids = index.search(vec.numpy(), k + 1)
         t3 = time.perf_counter()
         best = caption_scores.topk(2)
-        hits = [Hit(f"caption: {TEXT_QUERIES[i]}", float(s)) for s, i in zip(best.values, best.indices, strict=True)]
-        hits += [Hit(names[i], float(s)) for s, i in zip(scores[0], ids[0], strict=True) if names[i] != IMAGE_QUERY]
+        hits = [
+            Hit(f"caption: {TEXT_QUERIES[i]}", float(s))
+            for s, i in zip(best.values, best.indices, strict=True)
+        ]
+        hits += [
+            Hit(names[i], float(s))
+            for s, i in zip(scores[0], ids[0], strict=True)
+            if names[i] != IMAGE_QUERY
+        ]
         results.append(DemoResult(f"[image] {IMAGE_QUERY}", hits, 1e3 * (t2 - t1), 1e3 * (t3 - t2)))
     return results, {"images": len(paths), "index_s": index_s}

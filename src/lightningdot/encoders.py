@@ -115,7 +115,9 @@ class ImageEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         h = size.hidden_size
-        self.feature_embed = nn.Sequential(nn.Linear(cfg.feature_dim, h), nn.LayerNorm(h, eps=1e-12))
+        self.feature_embed = nn.Sequential(
+            nn.Linear(cfg.feature_dim, h), nn.LayerNorm(h, eps=1e-12)
+        )
         self.box_embed = nn.Sequential(nn.Linear(7, h), nn.LayerNorm(h, eps=1e-12))
         self.img_token = nn.Parameter(torch.randn(h) * 0.02)
         layers = BertSize(h, cfg.num_layers, size.num_heads, size.intermediate_size, 1, 2)
@@ -197,8 +199,13 @@ class BiEncoder(nn.Module):
                 raise DataError("a text query or caption is empty")
         max_len = self.cfg.text.max_length
         enc = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt",
-            return_overflowing_tokens=False, return_length=False,
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=max_len,
+            return_tensors="pt",
+            return_overflowing_tokens=False,
+            return_length=False,
         )
         if not self._warned_truncation and enc["input_ids"].shape[1] == max_len:
             full = self.tokenizer(texts, truncation=False)["input_ids"]

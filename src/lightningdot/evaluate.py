@@ -95,7 +95,9 @@ def store_batches(store: FeatureStore, keys: list[str], batch_size: int = 256):
 
 
 def file_batches(
-    backbone: Backbone, paths: list[Path], batch_size: int = 32,
+    backbone: Backbone,
+    paths: list[Path],
+    batch_size: int = 32,
     on_progress: Callable[[int], None] | None = None,
 ):
     """Regions straight from image files, for collections without a feature store."""

@@ -18,7 +18,9 @@ class PretrainHeads(nn.Module):
         self.mlm = _transform(hidden)
         self.mlm_bias = nn.Parameter(torch.zeros(vocab_size))
         self.region_features = nn.Sequential(_transform(hidden), nn.Linear(hidden, feature_dim))
-        self.region_classes = nn.Sequential(_transform(hidden), nn.Linear(hidden, max(num_classes, 1)))
+        self.region_classes = nn.Sequential(
+            _transform(hidden), nn.Linear(hidden, max(num_classes, 1))
+        )
 
     def mlm_logits(self, states: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
         """(N, H) fused token states -> (N, V) vocabulary scores."""

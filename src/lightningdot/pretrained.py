@@ -54,7 +54,9 @@ def _sha256(path: Path) -> str:
 def text_model_dir(name: str) -> Path:
     """Folder of a packaged text model (config, tokenizer, weights), its weights hash verified."""
     if name not in PACKAGED_TEXT_MODELS:
-        raise DataError(f"unknown pretrained text model {name!r}; known: {sorted(PACKAGED_TEXT_MODELS)}")
+        raise DataError(
+            f"unknown pretrained text model {name!r}; known: {sorted(PACKAGED_TEXT_MODELS)}"
+        )
     entry = PACKAGED_TEXT_MODELS[name]
     folder = entry.folder()
     weights = folder / entry.weights_file

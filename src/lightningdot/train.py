@@ -11,7 +11,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightningdot.checkpoint import load_state_into, read_model_config, replace_dir, save_model
+from lightningdot.checkpoint import load_state_into, read_model_config, save_model
 from lightningdot.config import TrainConfig, from_dict, require_same, to_dict
 from lightningdot.data import Corpus, read_karpathy
 from lightningdot.encoders import BiEncoder
@@ -30,6 +29,7 @@ from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.evaluate import RetrievalEvaluator
 from lightningdot.features import FeatureStore, RegionBatch
 from lightningdot.heads import PretrainHeads
+from lightningdot.io import atomic_dir
 from lightningdot.masking import mask_regions, mask_tokens
 from lightningdot.objectives import IGNORE, cmr_loss, fuse, smrm_loss, vmlm_loss
 
@@ -74,7 +74,10 @@ class PretrainingModel(nn.Module):
         if w.vmlm or w.smrm:
             m = cfg.model
             self.heads = PretrainHeads(
-                m.text.size.hidden_size, m.image.feature_dim, m.image.num_classes, m.text.size.vocab_size
+                m.text.size.hidden_size,
+                m.image.feature_dim,
+                m.image.num_classes,
+                m.text.size.vocab_size,
             )
 
     def forward(
@@ -102,15 +105,23 @@ class PretrainingModel(nn.Module):
                 hard = nn.functional.normalize(image.proj(image(hard_negatives)[:, 0]), dim=-1)
                 hard = hard.view(len(regions), k, -1)
             losses.update(
-                cmr_loss(gather_across_ranks(t), gather_across_ranks(i), self.model.logit_scale,
-                         None if hard is None else gather_across_ranks(hard))
+                cmr_loss(
+                    gather_across_ranks(t),
+                    gather_across_ranks(i),
+                    self.model.logit_scale,
+                    None if hard is None else gather_across_ranks(hard),
+                )
             )
         if w.vmlm:
             tok = self.model.tokenizer
             special = (ids == tok.cls_token_id) | (ids == tok.sep_token_id) | (att == 0)
             masked_ids, labels = mask_tokens(
-                ids.cpu(), special.cpu(), tok.mask_token_id, self.cfg.model.text.size.vocab_size,
-                self.cfg.mask_prob, generator,
+                ids.cpu(),
+                special.cpu(),
+                tok.mask_token_id,
+                self.cfg.model.text.size.vocab_size,
+                self.cfg.mask_prob,
+                generator,
             )
             labels = labels.to(ids.device)
             states = fuse(text(masked_ids.to(ids.device), att), image_states[:, 0])
@@ -222,15 +233,19 @@ def mine_hard_negatives(
     was = model.training
     model.eval()
     captions = data.corpus.captions
-    texts = torch.cat([
-        model.encode_text([captions[c] for c in caption_of[s : s + batch]])
-        for s in range(0, len(caption_of), batch)
-    ])
+    texts = torch.cat(
+        [
+            model.encode_text([captions[c] for c in caption_of[s : s + batch]])
+            for s in range(0, len(caption_of), batch)
+        ]
+    )
     n = len(data.corpus.images)
-    images = torch.cat([
-        model.encode_image(slice_regions(data.regions, torch.arange(s, min(s + batch, n))))
-        for s in range(0, n, batch)
-    ])
+    images = torch.cat(
+        [
+            model.encode_image(slice_regions(data.regions, torch.arange(s, min(s + batch, n))))
+            for s in range(0, n, batch)
+        ]
+    )
     scores = texts @ images.T
     scores.fill_diagonal_(float("-inf"))
     model.train(was)
@@ -258,7 +273,11 @@ def train(
     out = Path(out)
     init_distributed()
     rank, world_size = world()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    device = (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -317,8 +336,10 @@ def train(
         order = torch.randperm(n_images, generator=gen)
         # One caption per image per epoch: a batch never holds two captions of one image, so
         # in-batch negatives are true negatives.
-        pick = [int(offsets[i]) + int(torch.randint(len(captions[i].captions), (1,), generator=gen))
-                for i in range(n_images)]
+        pick = [
+            int(offsets[i]) + int(torch.randint(len(captions[i].captions), (1,), generator=gen))
+            for i in range(n_images)
+        ]
         hard_idx = None
         if cfg.hard_negatives and epoch > 0:
             hard_idx = mine_hard_negatives(model, train_data, pick, cfg.hard_negatives)
@@ -345,7 +366,9 @@ def train(
             scheduler.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100.0))
-            values = {k: float(v.detach()) for k, v in losses.items()} | {"loss": float(loss.detach())}
+            values = {k: float(v.detach()) for k, v in losses.items()} | {
+                "loss": float(loss.detach())
+            }
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
             if on_step and rank == 0:
@@ -369,7 +392,17 @@ def train(
                 best = metrics
                 save_run(out / "best", model, cfg, {"val": metrics, "epoch": epoch + 1})
         if rank == 0:
-            save_run(out / "last", model, cfg, {"epoch": epoch + 1}, module, optimizer, scheduler, epoch, best)
+            save_run(
+                out / "last",
+                model,
+                cfg,
+                {"epoch": epoch + 1},
+                module,
+                optimizer,
+                scheduler,
+                epoch,
+                best,
+            )
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             log(json.dumps(record))
@@ -404,18 +437,16 @@ def save_run(
     best: dict | None = None,
 ) -> None:
     """Write a checkpoint folder beside `folder` and swap it in whole."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_model(tmp, model, torch.float32, {"train": to_dict(cfg), **extra})
-    if optimizer is not None:
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "best": best,
-            "heads": None if module is None or module.heads is None else module.heads.state_dict(),
-        }
-        torch.save(state, tmp / "train_state.pt")
-    replace_dir(tmp, folder)
-
+    with atomic_dir(folder) as tmp:
+        save_model(tmp, model, torch.float32, {"train": to_dict(cfg), **extra})
+        if optimizer is not None:
+            state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "best": best,
+                "heads": None
+                if module is None or module.heads is None
+                else module.heads.state_dict(),
+            }
+            torch.save(state, tmp / "train_state.pt")

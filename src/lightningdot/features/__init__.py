@@ -1,6 +1,5 @@
 """Image side of the offline stage: pixels -> region features + box positions, and their store."""
 
-from lightningdot.features.regions import RegionBatch, RegionFeatures, collate_regions, grid_boxes
 from lightningdot.features.backbones import (
     Backbone,
     create_backbone,
@@ -9,6 +8,7 @@ from lightningdot.features.backbones import (
     register_backbone,
 )
 from lightningdot.features.detector import read_detector_npz
+from lightningdot.features.regions import RegionBatch, RegionFeatures, collate_regions, grid_boxes
 from lightningdot.features.store import FeatureStore, FeatureStoreWriter, StoreInfo
 
 __all__ = [

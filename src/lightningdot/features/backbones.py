@@ -20,6 +20,7 @@ from torch import nn
 from lightningdot.errors import DataError
 from lightningdot.features.regions import RegionFeatures, grid_boxes
 
+
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
     """Open an image as RGB, whatever its mode (palette, grey, RGBA, CMYK, 16-bit) or EXIF turn.
 

@@ -102,7 +102,9 @@ def import_detector_features(
                     on_progress(1)
             if writer is None:
                 soft = regions.soft_labels
-                info = StoreInfo("detector", regions.features.shape[1], 0 if soft is None else soft.shape[1])
+                info = StoreInfo(
+                    "detector", regions.features.shape[1], 0 if soft is None else soft.shape[1]
+                )
                 writer = FeatureStoreWriter(out, info, shard_size)
             if key in writer.done:
                 summary.skipped += 1

@@ -32,9 +32,7 @@ class RegionFeatures:
         if tuple(self.boxes.shape) != (n, BOX_DIM):
             raise DataError(f"boxes must be ({n}, {BOX_DIM}), got {tuple(self.boxes.shape)}")
         if self.soft_labels is not None and self.soft_labels.shape[0] != n:
-            raise DataError(
-                f"soft labels must have {n} rows, got {tuple(self.soft_labels.shape)}"
-            )
+            raise DataError(f"soft labels must have {n} rows, got {tuple(self.soft_labels.shape)}")
 
 
 def boxes_from_corners(corners: torch.Tensor) -> torch.Tensor:
@@ -49,9 +47,9 @@ def grid_boxes(rows: int, cols: int) -> torch.Tensor:
     ys = torch.arange(rows, dtype=torch.float32)
     xs = torch.arange(cols, dtype=torch.float32)
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    corners = torch.stack(
-        [xx / cols, yy / rows, (xx + 1) / cols, (yy + 1) / rows], dim=-1
-    ).reshape(-1, 4)
+    corners = torch.stack([xx / cols, yy / rows, (xx + 1) / cols, (yy + 1) / rows], dim=-1).reshape(
+        -1, 4
+    )
     return boxes_from_corners(corners)
 
 
@@ -101,7 +99,9 @@ def collate_regions(items: list[RegionFeatures]) -> RegionBatch:
     for i, it in enumerate(items):
         n = it.features.shape[0]
         if it.features.shape[1] != d:
-            raise DataError(f"region feature sizes differ in one batch: {d} vs {it.features.shape[1]}")
+            raise DataError(
+                f"region feature sizes differ in one batch: {d} vs {it.features.shape[1]}"
+            )
         feats[i, :n] = it.features
         boxes[i, :n] = it.boxes
         mask[i, :n] = True

@@ -1,0 +1,170 @@
+"""A FAISS index that travels with its ids, its items' metadata and the model that made it.
+
+Layout of an index folder (written whole, atomically):
+
+    index.faiss   the FAISS index (inner product); row i is items[i]
+    items.json    one entry per vector: {"id", "path"?, "captions"?, ...}
+    index.json    {"format", "model_id", "dim", "count", "config": IndexConfig}
+
+Loading checks that the file, the items and the model agree, and refuses otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from lightningdot.config import from_dict
+from lightningdot.errors import ConfigMismatchError, DataError
+from lightningdot.io import atomic_dir
+
+FORMAT = 1
+
+
+@dataclass
+class IndexConfig:
+    # FAISS index_factory string: "Flat" is exact; e.g. "HNSW32", "IVF1024,Flat", "IVF1024,PQ32".
+    factory: str = "Flat"
+    nprobe: int = 16  # IVF: inverted lists visited per query (recall vs speed)
+    ef_search: int = 128  # HNSW: candidate list size per query (recall vs speed)
+
+    def __post_init__(self) -> None:
+        if self.nprobe < 1 or self.ef_search < 1:
+            raise ValueError("nprobe and ef_search must be positive")
+
+
+def _as_matrix(vectors: Any, dim: int | None = None) -> np.ndarray:
+    x = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+    if x.ndim != 2 or (dim is not None and x.shape[1] != dim):
+        want = f"(N, {dim})" if dim is not None else "(N, D)"
+        raise ConfigMismatchError(f"vectors must be {want}, got {x.shape}")
+    return x
+
+
+class VectorIndex:
+    """Inner-product search over unit vectors, with the item behind each row."""
+
+    def __init__(self, index: faiss.Index, items: list[dict], model_id: str, cfg: IndexConfig):
+        if index.ntotal != len(items):
+            raise DataError(f"index holds {index.ntotal} vectors but {len(items)} items")
+        self.index, self.items, self.model_id, self.cfg = index, items, model_id, cfg
+        self._apply_search_params()
+
+    @classmethod
+    def build(
+        cls, vectors: Any, items: list[dict], model_id: str, cfg: IndexConfig | None = None
+    ) -> VectorIndex:
+        cfg = cfg or IndexConfig()
+        x = _as_matrix(vectors)
+        if len(x) != len(items):
+            raise ValueError(f"{len(x)} vectors for {len(items)} items")
+        try:
+            index = faiss.index_factory(x.shape[1], cfg.factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            raise DataError(f"FAISS cannot build {cfg.factory!r}: {e}") from e
+        if not index.is_trained:
+            try:
+                index.train(x)
+            except RuntimeError as e:
+                raise DataError(f"training {cfg.factory!r} on {len(x)} vectors failed: {e}") from e
+        index.add(x)
+        return cls(index, list(items), model_id, cfg)
+
+    @property
+    def dim(self) -> int:
+        return self.index.d
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    def add(self, vectors: Any, items: list[dict]) -> None:
+        """Append items without a rebuild (a trained IVF index keeps its coarse centroids)."""
+        x = _as_matrix(vectors, self.dim)
+        if len(x) != len(items):
+            raise ValueError(f"{len(x)} vectors for {len(items)} items")
+        self.index.add(x)
+        self.items.extend(items)
+
+    def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, D) queries -> (Q, k') scores and row ids, best first; k' = min(k, len(self))."""
+        q = _as_matrix(queries, self.dim)
+        k = max(1, min(k, len(self)))
+        return self.index.search(q, k)
+
+    def _apply_search_params(self) -> None:
+        inner = faiss.downcast_index(self.index)
+        if hasattr(inner, "nprobe"):
+            inner.nprobe = self.cfg.nprobe
+        hnsw = getattr(inner, "hnsw", None)
+        if hnsw is not None:
+            hnsw.efSearch = self.cfg.ef_search
+
+    def save(self, folder: str | Path) -> None:
+        with atomic_dir(folder) as tmp:
+            faiss.write_index(self.index, str(tmp / "index.faiss"))
+            (tmp / "items.json").write_text(json.dumps(self.items, ensure_ascii=False))
+            meta = {
+                "format": FORMAT,
+                "model_id": self.model_id,
+                "dim": self.dim,
+                "count": len(self),
+                "config": asdict(self.cfg),
+            }
+            (tmp / "index.json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(
+        cls, folder: str | Path, model_id: str | None = None, mmap: bool = False
+    ) -> VectorIndex:
+        """Read an index folder; with `model_id`, refuse an index another model made.
+
+        `mmap` maps the index file instead of reading it, where FAISS supports it for the type.
+        """
+        folder = Path(folder)
+        meta_path = folder / "index.json"
+        if not meta_path.is_file():
+            raise DataError(f"not an index folder (no index.json): {folder}")
+        try:
+            meta = json.loads(meta_path.read_text())
+            items = json.loads((folder / "items.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"damaged index metadata in {folder}: {e}") from e
+        if meta.get("format") != FORMAT:
+            raise DataError(f"{folder}: unknown index format {meta.get('format')!r}")
+        if model_id is not None and meta["model_id"] != model_id:
+            raise ConfigMismatchError(
+                f"index {folder} was made by model {meta['model_id'][:12]}, not by the loaded "
+                f"model {model_id[:12]}; rebuild it with `ldot index` or load the same model"
+            )
+        path = str(folder / "index.faiss")
+        try:
+            try:
+                flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+                index = faiss.read_index(path, flags)
+            except RuntimeError:
+                if not mmap:
+                    raise
+                index = faiss.read_index(path)  # an index type FAISS cannot map
+        except RuntimeError as e:
+            raise DataError(f"damaged or truncated index file {path}: {e}") from e
+        if index.d != meta["dim"] or index.ntotal != meta["count"]:
+            raise DataError(
+                f"{folder}: index.faiss has {index.ntotal} x {index.d}, "
+                f"index.json says {meta['count']} x {meta['dim']}"
+            )
+        return cls(index, items, meta["model_id"], from_dict(IndexConfig, meta["config"]))
+
+
+def recall_against_exact(
+    index: VectorIndex, exact: VectorIndex, queries: Any, k: int = 10
+) -> float:
+    """Mean fraction of the exact top-k that the index also returns (1.0 for an exact index)."""
+    _, got = index.search(queries, k)
+    _, want = exact.search(queries, k)
+    hits = [len(set(g) & set(w)) / len(w) for g, w in zip(got.tolist(), want.tolist(), strict=True)]
+    return float(np.mean(hits))

@@ -1,0 +1,245 @@
+"""`Retriever`: the one object the CLI and the server call to answer queries.
+
+    text query  -> TextEncoder  -> image index -> top-K images
+    image query -> backbone + ImageEncoder -> caption index -> top-K captions
+                                           -> image index   -> top-K similar images
+
+An index folder written by `build_index` holds `images/` (and `captions/` when the collection
+has captions), each a `VectorIndex`, plus `retriever.json` naming the model that made them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lightningdot.checkpoint import load_model, model_identity
+from lightningdot.data import Corpus
+from lightningdot.encoders import BiEncoder
+from lightningdot.errors import DataError
+from lightningdot.evaluate import encode_texts, file_batches, store_batches
+from lightningdot.features import FeatureStore, collate_regions, create_backbone, load_image
+from lightningdot.index import IndexConfig, VectorIndex, recall_against_exact
+from lightningdot.io import write_json
+
+
+@dataclass
+class Result:
+    id: str
+    score: float
+    path: str | None = None
+    caption: str | None = None  # the caption itself (image->text), or the image's first caption
+
+
+@dataclass
+class Answer:
+    results: list[Result]
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+
+def _encode_collection(
+    model: BiEncoder,
+    corpus: Corpus,
+    images: Path,
+    features: FeatureStore | None,
+    on_progress: Callable[[int], None] | None,
+) -> torch.Tensor:
+    keys = corpus.keys()
+    with torch.inference_mode():
+        if features is not None:
+            missing = [k for k in keys if k not in features]
+            if missing:
+                raise DataError(
+                    f"{len(missing)} image(s) missing from {features.root}, e.g. {missing[0]}"
+                )
+            out = []
+            for b in store_batches(features, keys):
+                out.append(model.encode_image(b))
+                if on_progress:
+                    on_progress(len(b))
+            return torch.cat(out)
+        backbone = create_backbone(model.cfg.backbone)
+        paths = [images / k for k in keys]
+        return torch.cat(
+            [model.encode_image(b) for b in file_batches(backbone, paths, on_progress=on_progress)]
+        )
+
+
+def _items(corpus: Corpus) -> list[dict]:
+    return [{"id": im.key, "path": im.key, "captions": im.captions} for im in corpus.images]
+
+
+def _caption_items(corpus: Corpus) -> list[dict]:
+    return [
+        {"id": f"{im.key}#{j}", "image": im.key, "caption": c}
+        for im in corpus.images
+        for j, c in enumerate(im.captions)
+    ]
+
+
+@dataclass
+class BuildReport:
+    indexes: dict[str, VectorIndex]
+    recall_at_10: float | None = None  # of an approximate image index against exact search
+    recall_queries: int = 0
+
+
+def build_index(
+    model: BiEncoder,
+    model_name: str,
+    corpus: Corpus,
+    images: Path,
+    out: Path,
+    cfg: IndexConfig | None = None,
+    features: FeatureStore | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    recall_sample: int = 1000,
+) -> BuildReport:
+    """Encode a collection (reusing stored features when given) into `out`, atomically per index.
+
+    With an approximate factory, also measures recall@10 of the image index against exact search
+    on up to `recall_sample` queries (the captions when known, else the images themselves).
+    """
+    cfg = cfg or IndexConfig()
+    identity = model_identity(model)
+    vectors = _encode_collection(model, corpus, images, features, on_progress).numpy()
+    report = BuildReport({"images": VectorIndex.build(vectors, _items(corpus), identity, cfg)})
+    queries = vectors
+    if corpus.captions:
+        text = encode_texts(model, corpus.captions).numpy()
+        report.indexes["captions"] = VectorIndex.build(text, _caption_items(corpus), identity, cfg)
+        queries = text
+    if cfg.factory != "Flat":
+        exact = VectorIndex.build(vectors, _items(corpus), identity)
+        sample = queries[np.random.default_rng(0).permutation(len(queries))[:recall_sample]]
+        report.recall_at_10 = recall_against_exact(report.indexes["images"], exact, sample, 10)
+        report.recall_queries = len(sample)
+    for name, index in report.indexes.items():
+        index.save(out / name)
+    write_json(out / "retriever.json", {"model": model_name, "model_id": identity})
+    return report
+
+
+def add_to_index(
+    retriever: Retriever,
+    corpus: Corpus,
+    images: Path,
+    features: FeatureStore | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> int:
+    """Append new images (and their captions) to an index folder without a rebuild."""
+    known = {it["id"] for it in retriever.images.items}
+    fresh = Corpus([im for im in corpus.images if im.key not in known])
+    if not fresh.images:
+        return 0
+    vectors = _encode_collection(retriever.model, fresh, images, features, on_progress).numpy()
+    retriever.images.add(vectors, _items(fresh))
+    retriever.images.save(retriever.folder / "images")
+    if fresh.captions:
+        text = encode_texts(retriever.model, fresh.captions).numpy()
+        if retriever.captions is None:
+            retriever.captions = VectorIndex.build(
+                text, _caption_items(fresh), retriever.images.model_id, retriever.images.cfg
+            )
+        else:
+            retriever.captions.add(text, _caption_items(fresh))
+        retriever.captions.save(retriever.folder / "captions")
+    return len(fresh.images)
+
+
+class Retriever:
+    """Answers text and image queries against an index folder with the model that built it."""
+
+    def __init__(
+        self, model: BiEncoder, images: VectorIndex, captions: VectorIndex | None, folder: Path
+    ) -> None:
+        self.model, self.images, self.captions, self.folder = model, images, captions, folder
+        self._backbone = None
+
+    @classmethod
+    def open(
+        cls, folder: str | os.PathLike[str], model: str | BiEncoder | None = None, mmap: bool = True
+    ) -> Retriever:
+        """Load an index folder and its model (by default the one recorded in the folder)."""
+        folder = Path(folder)
+        meta_path = folder / "retriever.json"
+        if not meta_path.is_file():
+            raise DataError(f"not an index folder (no retriever.json): {folder}")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"damaged {meta_path}: {e}") from e
+        net = model if isinstance(model, BiEncoder) else load_model(model or meta["model"])
+        identity = model_identity(net)
+        images = VectorIndex.load(folder / "images", identity, mmap)
+        captions = None
+        if (folder / "captions").is_dir():
+            captions = VectorIndex.load(folder / "captions", identity, mmap)
+        return cls(net, images, captions, folder)
+
+    @property
+    def backbone(self):
+        if self._backbone is None:
+            self._backbone = create_backbone(self.model.cfg.backbone)
+        return self._backbone
+
+    def _results(self, index: VectorIndex, scores: np.ndarray, ids: np.ndarray) -> list[Result]:
+        out = []
+        for s, i in zip(scores.tolist(), ids.tolist(), strict=True):
+            if i < 0:
+                continue
+            it = index.items[i]
+            caption = it.get("caption") or (it.get("captions") or [None])[0]
+            out.append(Result(it["id"], float(s), it.get("path") or it.get("image"), caption))
+        return out
+
+    @torch.inference_mode()
+    def search_text(self, queries: list[str], k: int = 10) -> list[Answer]:
+        """Text -> image, a batch of queries at once."""
+        if not queries:
+            raise DataError("no query given")
+        t0 = time.perf_counter()
+        vecs = self.model.encode_text(queries).numpy()
+        t1 = time.perf_counter()
+        scores, ids = self.images.search(vecs, k)
+        t2 = time.perf_counter()
+        timing = {"encode": 1e3 * (t1 - t0), "search": 1e3 * (t2 - t1), "total": 1e3 * (t2 - t0)}
+        return [
+            Answer(self._results(self.images, s, i), timing)
+            for s, i in zip(scores, ids, strict=True)
+        ]
+
+    @torch.inference_mode()
+    def encode_images(self, images: list[str | os.PathLike[str] | Image.Image]) -> torch.Tensor:
+        pils = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
+        pixels = torch.stack([self.backbone.preprocess(im.convert("RGB")) for im in pils])
+        return self.model.encode_image(collate_regions(self.backbone(pixels)))
+
+    @torch.inference_mode()
+    def search_image(
+        self,
+        images: list[str | os.PathLike[str] | Image.Image],
+        k: int = 10,
+        target: str = "captions",
+    ) -> list[Answer]:
+        """Image -> captions (target="captions") or image -> similar images (target="images")."""
+        index = self.captions if target == "captions" else self.images
+        if index is None:
+            raise DataError(f"{self.folder} has no caption index (it was built without captions)")
+        t0 = time.perf_counter()
+        vecs = self.encode_images(images).numpy()
+        t1 = time.perf_counter()
+        scores, ids = index.search(vecs, k)
+        t2 = time.perf_counter()
+        timing = {"encode": 1e3 * (t1 - t0), "search": 1e3 * (t2 - t1), "total": 1e3 * (t2 - t0)}
+        return [
+            Answer(self._results(index, s, i), timing) for s, i in zip(scores, ids, strict=True)
+        ]

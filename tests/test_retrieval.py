@@ -1,0 +1,181 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model_config
+from typer.testing import CliRunner
+
+from lightningdot.checkpoint import model_identity, save_model
+from lightningdot.cli import app
+from lightningdot.data import Corpus, read_karpathy
+from lightningdot.encoders import BiEncoder
+from lightningdot.errors import ConfigMismatchError, DataError
+from lightningdot.features import FeatureStore
+from lightningdot.index import IndexConfig
+from lightningdot.retrieval import Retriever, add_to_index, build_index
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    m = BiEncoder(tiny_model_config())
+    m.init_pretrained()
+    save_model(tmp_path / "model", m.eval())
+    return tmp_path / "model"
+
+
+def open_model(model_dir):
+    from lightningdot.checkpoint import load_model
+
+    return load_model(model_dir)
+
+
+def test_text_search_matches_exact_scores(corpus_dir, store_dir, model_dir, tmp_path):
+    model = open_model(model_dir)
+    corpus = read_karpathy(corpus_dir / "captions.json")
+    store = FeatureStore(store_dir)
+    build_index(
+        model, str(model_dir), corpus, corpus_dir / "images", tmp_path / "ix", features=store
+    )
+    r = Retriever.open(tmp_path / "ix")
+    queries = ["a red picture", "something blue"]
+    answers = r.search_text(queries, k=5)
+    with torch.no_grad():
+        t = model.encode_text(queries)
+        i = model.encode_image(store.batch(corpus.keys()))
+    exact = (t @ i.T).numpy()
+    for q, a in enumerate(answers):
+        want = np.argsort(-exact[q])[:5]
+        assert [x.id for x in a.results] == [corpus.images[j].key for j in want]
+        assert np.allclose([x.score for x in a.results], exact[q, want], atol=1e-5)
+        assert a.timing_ms["total"] >= a.timing_ms["search"]
+
+
+def test_batched_queries_equal_one_by_one(corpus_dir, store_dir, model_dir, tmp_path):
+    corpus = read_karpathy(corpus_dir / "captions.json")
+    build_index(
+        open_model(model_dir),
+        str(model_dir),
+        corpus,
+        corpus_dir / "images",
+        tmp_path / "ix",
+        features=FeatureStore(store_dir),
+    )
+    r = Retriever.open(tmp_path / "ix")
+    qs = ["a green picture", "something white", "purple"]
+    batched = [[x.id for x in a.results] for a in r.search_text(qs, 4)]
+    single = [[x.id for x in r.search_text([q], 4)[0].results] for q in qs]
+    assert batched == single
+
+
+def test_image_query_finds_captions_and_itself(corpus_dir, model_dir, tmp_path):
+    corpus = read_karpathy(corpus_dir / "captions.json", "train")
+    build_index(
+        open_model(model_dir), str(model_dir), corpus, corpus_dir / "images", tmp_path / "ix"
+    )
+    r = Retriever.open(tmp_path / "ix")
+    (caps,) = r.search_image([corpus_dir / "images" / "img02.png"], k=3)
+    assert len(caps.results) == 3 and all(x.caption for x in caps.results)
+    (sim,) = r.search_image([corpus_dir / "images" / "img02.png"], k=1, target="images")
+    assert sim.results[0].id == "img02.png"  # features on the fly: the image finds itself
+    bad = tmp_path / "x.jpg"
+    bad.write_bytes(b"no")
+    with pytest.raises(DataError, match="x.jpg"):
+        r.search_image([bad])
+    with pytest.raises(DataError, match="empty"):
+        r.search_text([" "])
+
+
+def test_add_grows_the_index_like_a_rebuild(corpus_dir, store_dir, model_dir, tmp_path):
+    model = open_model(model_dir)
+    full = read_karpathy(corpus_dir / "captions.json")
+    store = FeatureStore(store_dir)
+    build_index(
+        model,
+        str(model_dir),
+        Corpus(full.images[:6]),
+        corpus_dir / "images",
+        tmp_path / "grown",
+        features=store,
+    )
+    r = Retriever.open(tmp_path / "grown", mmap=False)
+    assert add_to_index(r, full, corpus_dir / "images", store) == 6
+    assert add_to_index(r, full, corpus_dir / "images", store) == 0  # nothing new
+    build_index(
+        model, str(model_dir), full, corpus_dir / "images", tmp_path / "whole", features=store
+    )
+    grown, whole = Retriever.open(tmp_path / "grown"), Retriever.open(tmp_path / "whole")
+    q = ["a yellow picture"]
+    assert [x.id for x in grown.search_text(q, 12)[0].results] == [
+        x.id for x in whole.search_text(q, 12)[0].results
+    ]
+    assert len(grown.captions) == len(whole.captions) == 24
+
+
+def test_index_from_another_model_is_refused(corpus_dir, store_dir, model_dir, tmp_path):
+    corpus = read_karpathy(corpus_dir / "captions.json")
+    build_index(
+        open_model(model_dir),
+        str(model_dir),
+        corpus,
+        corpus_dir / "images",
+        tmp_path / "ix",
+        features=FeatureStore(store_dir),
+    )
+    other = BiEncoder(tiny_model_config())
+    torch.manual_seed(123)
+    other.init_pretrained()
+    with torch.no_grad():
+        other.text.proj.weight.add_(1.0)
+    assert model_identity(other) != model_identity(open_model(model_dir))
+    with pytest.raises(ConfigMismatchError, match="rebuild"):
+        Retriever.open(tmp_path / "ix", model=other)
+
+
+def test_approximate_index_reports_recall(corpus_dir, store_dir, model_dir, tmp_path):
+    corpus = read_karpathy(corpus_dir / "captions.json")
+    rep = build_index(
+        open_model(model_dir),
+        str(model_dir),
+        corpus,
+        corpus_dir / "images",
+        tmp_path / "ix",
+        IndexConfig("HNSW8"),
+        FeatureStore(store_dir),
+    )
+    assert rep.recall_at_10 is not None and 0.0 <= rep.recall_at_10 <= 1.0
+
+
+def test_cli_index_and_search(corpus_dir, store_dir, model_dir, tmp_path):
+    ix = tmp_path / "ix"
+    r = runner.invoke(
+        app,
+        [
+            "index",
+            "--out",
+            str(ix),
+            "--images",
+            str(corpus_dir / "images"),
+            "--annotations",
+            str(corpus_dir / "captions.json"),
+            "--model",
+            str(model_dir),
+            "--features",
+            str(store_dir),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["search", str(ix), "a red picture", "--k", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["query"] == "a red picture" and len(out["results"]) == 3
+    assert set(out["timing_ms"]) == {"encode", "search", "total"}
+    r = runner.invoke(app, ["search", str(ix), "--image", str(corpus_dir / "images" / "img01.png")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["search", str(ix), ""])
+    assert r.exit_code == 2 and "empty" in r.output
+    (ix / "images" / "index.faiss").write_bytes(b"garbage")
+    r = runner.invoke(app, ["search", str(ix), "a red picture"])
+    assert r.exit_code == 2 and "damaged" in r.output and "Traceback" not in r.output
