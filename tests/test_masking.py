@@ -28,3 +28,27 @@ def test_mask_regions_at_least_one_real_region_per_image():
     m = mask_regions(real, prob=0.15, generator=torch.Generator().manual_seed(1))
     assert m.any(1).all()
     assert not (m & ~real).any()
+
+
+def test_drop_regions_keeps_a_random_subset_of_real_regions():
+    from lightningdot.features import RegionBatch, grid_boxes
+    from lightningdot.masking import drop_regions
+
+    b, r = 3, 6
+    feats = torch.arange(b * r, dtype=torch.float32).view(b, r, 1).expand(b, r, 2).clone()
+    mask = torch.ones(b, r, dtype=torch.bool)
+    mask[0, 4:] = False  # image 0 has 4 real regions
+    regions = RegionBatch(
+        feats, grid_boxes(1, r).expand(b, r, 7).clone(), mask, torch.rand(b, r, 5)
+    )
+    out = drop_regions(regions, 0.5, torch.Generator().manual_seed(0))
+    assert out.features.shape == (b, 3, 2) and out.soft_labels.shape == (b, 3, 5)
+    assert out.mask.all()  # padding goes before real regions
+    for i in range(b):
+        kept = out.features[i, :, 0].long().tolist()
+        assert len(set(kept)) == 3 and all(i * r <= k < (i + 1) * r for k in kept)
+        # Boxes and soft labels travel with their features.
+        pos = [k - i * r for k in kept]
+        assert torch.equal(out.boxes[i], regions.boxes[i, pos])
+        assert torch.equal(out.soft_labels[i], regions.soft_labels[i, pos])
+    assert drop_regions(regions, 1.0) is regions

@@ -10,14 +10,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
-import numpy as np
 import torch
 
-from lightningdot.checkpoint import load_model
+from lightningdot.checkpoint import load_model, model_identity
 from lightningdot.errors import DataError
 from lightningdot.evaluate import file_batches
 from lightningdot.features import create_backbone
+from lightningdot.index import VectorIndex
 
 # Photographs among scikit-image's bundled data (the rest are charts, scans or binary masks).
 GALLERY = [
@@ -82,9 +81,8 @@ def run_demo(model_name: str = "default", k: int = 3) -> tuple[list[DemoResult],
     with torch.inference_mode():
         image_vecs = torch.cat([model.encode_image(b) for b in file_batches(backbone, paths)])
     index_s = time.perf_counter() - t0
-    index = faiss.IndexFlatIP(image_vecs.shape[1])
-    index.add(image_vecs.numpy().astype(np.float32))
     names = [p.name for p in paths]
+    index = VectorIndex.build(image_vecs.numpy(), [{"id": n} for n in names], model_identity(model))
     results = []
     with torch.inference_mode():
         for q in TEXT_QUERIES:

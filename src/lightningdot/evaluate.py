@@ -18,7 +18,7 @@ import torch
 from lightningdot.data import Corpus
 from lightningdot.encoders import BiEncoder
 from lightningdot.errors import DataError
-from lightningdot.features import FeatureStore, RegionBatch, collate_regions
+from lightningdot.features import FeatureStore, collate_regions
 from lightningdot.features.backbones import Backbone, load_image
 
 KS = (1, 5, 10)
@@ -129,8 +129,3 @@ class RetrievalEvaluator:
         model.train(was_training)
         self.timings = {"encode_images_s": t1 - t0, "encode_texts_s": t2 - t1}
         return recall_metrics(text, image, self.corpus.caption_image)
-
-
-def preload(store: FeatureStore, keys: list[str]) -> RegionBatch:
-    """All regions of `keys` in one batch (for training and repeated evaluation)."""
-    return store.batch(keys)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lightningdot.features import RegionBatch
 from lightningdot.objectives import IGNORE
 
 
@@ -64,3 +65,27 @@ def mask_regions(
         forced[torch.arange(len(region_mask)), scores.argmax(1)] = True
         picked |= forced & none.unsqueeze(1)
     return picked
+
+
+def drop_regions(
+    regions: RegionBatch, keep: float, generator: torch.Generator | None = None
+) -> RegionBatch:
+    """Keep a random `keep` fraction of each image's regions (at least one), dropping the rest.
+
+    The batch shrinks to the kept count, so the image encoder's cost shrinks with it; padding
+    is dropped before any real region.
+    """
+    if keep >= 1.0:
+        return regions
+    n_keep = max(1, round(keep * regions.mask.shape[1]))
+    scores = torch.rand(regions.mask.shape, generator=generator)
+    scores = scores.masked_fill(~regions.mask.cpu(), -1.0)
+    idx = (
+        scores.topk(n_keep, dim=1).indices.sort(dim=1).values.to(regions.mask.device)
+    )  # (B, n_keep)
+
+    def take(x: torch.Tensor) -> torch.Tensor:
+        return x.gather(1, idx.view(*idx.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:]))
+
+    soft = None if regions.soft_labels is None else take(regions.soft_labels)
+    return RegionBatch(take(regions.features), take(regions.boxes), take(regions.mask), soft)

@@ -30,7 +30,7 @@ from lightningdot.evaluate import RetrievalEvaluator
 from lightningdot.features import FeatureStore, RegionBatch
 from lightningdot.heads import PretrainHeads
 from lightningdot.io import atomic_dir
-from lightningdot.masking import mask_regions, mask_tokens
+from lightningdot.masking import drop_regions, mask_regions, mask_tokens
 from lightningdot.objectives import IGNORE, cmr_loss, fuse, smrm_loss, vmlm_loss
 
 
@@ -352,7 +352,8 @@ def train(
             idx = mine[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             tokens = model.tokenize([flat[pick[i]] for i in idx.tolist()])
             tokens = {k: v.to(device) for k, v in tokens.items()}
-            regions = slice_regions(train_data.regions, idx).to(device)
+            regions = drop_regions(slice_regions(train_data.regions, idx), cfg.region_keep, gen)
+            regions = regions.to(device)
             hard = None
             if hard_idx is not None:
                 hard = slice_regions(train_data.regions, hard_idx[idx].flatten()).to(device)
