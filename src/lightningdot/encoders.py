@@ -239,12 +239,11 @@ class BiEncoder(nn.Module):
         return text_vectors @ image_vectors.T
 
     def stored_state(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint must hold: the parameters training changes, plus every text
-        parameter when no packaged weights can rebuild them."""
-        rebuilt = self.cfg.text.pretrained is not None
-        # logit_scale is kept even when frozen so that its setting travels with the model.
-        return {
-            n: p
-            for n, p in self.named_parameters()
-            if p.requires_grad or n == "logit_scale" or (not rebuilt and n.startswith("text."))
-        }
+        """What a checkpoint must hold: the parameters the config trains (every text parameter
+        when no packaged weights can rebuild them), whatever is frozen at the moment."""
+        n_frozen = self.cfg.text.size.num_layers - self.cfg.text.trainable_layers
+        packaged = self.cfg.text.pretrained is not None
+        frozen = ("text.bert.embeddings.",) + tuple(
+            f"text.bert.encoder.layer.{i}." for i in range(n_frozen)
+        )
+        return {n: p for n, p in self.named_parameters() if not (packaged and n.startswith(frozen))}
