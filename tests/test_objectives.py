@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lightningdot.objectives import IGNORE, cmr_loss, fuse, smrm_loss, vmlm_loss
+from lightningdot.objectives import IGNORE, cmr_loss, fuse, itm_loss, smrm_loss, vmlm_loss
 
 
 def test_fuse_adds_global_vector_to_every_state():
@@ -87,3 +87,13 @@ def test_cmr_gradients_reach_both_sides_and_temperature():
     out = cmr_loss(t, i, s)
     (out["cmr_t2i"] + out["cmr_i2t"]).backward()
     assert t.grad.abs().sum() > 0 and i.grad.abs().sum() > 0 and s.grad is not None
+
+
+def test_itm_by_hand():
+    t2i = torch.tensor([[2.0, 0.0, 0.0]])  # right answer in column 0
+    i2t = torch.tensor([[0.0, 1.0], [3.0, 3.0]])
+    out = itm_loss(t2i, i2t)
+    want_t2i = -math.log(math.exp(2) / (math.exp(2) + 2))
+    want_i2t = (-math.log(1 / (1 + math.e)) - math.log(0.5)) / 2
+    assert out["itm_t2i"].item() == pytest.approx(want_t2i, rel=1e-5)
+    assert out["itm_i2t"].item() == pytest.approx(want_i2t, rel=1e-5)

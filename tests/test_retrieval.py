@@ -179,3 +179,41 @@ def test_cli_index_and_search(corpus_dir, store_dir, model_dir, tmp_path):
     (ix / "images" / "index.faiss").write_bytes(b"garbage")
     r = runner.invoke(app, ["search", str(ix), "a red picture"])
     assert r.exit_code == 2 and "damaged" in r.output and "Traceback" not in r.output
+
+
+def test_rerank_reorders_the_dot_top_k_by_fused_scores(corpus_dir, model_dir, tmp_path):
+    from lightningdot.config import RerankerConfig
+    from lightningdot.features import create_backbone
+    from lightningdot.features.extract import extract_images
+    from lightningdot.rerank import Reranker, save_reranker
+
+    model = open_model(model_dir)
+    corpus = read_karpathy(corpus_dir / "captions.json", "train")  # 8 distinct colours: no ties
+    # The backbone's own regions, so that a re-rank from the files must give the same answer.
+    items = [(k, corpus_dir / "images" / k) for k in corpus.keys()]
+    extract_images(items, tmp_path / "store", create_backbone("test-colour"))
+    store = FeatureStore(tmp_path / "store")
+    build_index(
+        model, str(model_dir), corpus, corpus_dir / "images", tmp_path / "ix", features=store
+    )
+    torch.manual_seed(5)
+    rr = Reranker(model, RerankerConfig(num_layers=1))
+    save_reranker(tmp_path / "rr", rr, str(model_dir))
+    r = Retriever.open(tmp_path / "ix", reranker=str(tmp_path / "rr"))
+    q = "a blue picture"
+    (plain,) = r.search_text([q], k=4)
+    (ranked,) = r.search_text([q], k=2, rerank=4)
+    top = plain.results
+    fused = rr.rerank_images(
+        q, store.batch([x.id for x in top]), torch.tensor([x.score for x in top])
+    )
+    want = [top[j].id for j in torch.argsort(fused, descending=True).tolist()[:2]]
+    assert [x.id for x in ranked.results] == want
+    assert set(ranked.timing_ms) == {"encode", "search", "rerank", "total"}
+    # Without a feature store the candidates' regions come from their files: the same answer.
+    r.features = None
+    assert [x.id for x in r.search_text([q], k=2, rerank=4)[0].results] == want
+    (caps,) = r.search_image([corpus_dir / "images" / "img03.png"], k=3, rerank=5)
+    assert len(caps.results) == 3
+    with pytest.raises(DataError, match="re-ranker"):
+        Retriever.open(tmp_path / "ix").search_text([q], rerank=4)

@@ -140,6 +140,38 @@ def finetune(
     _train(recipe, out, "finetune")
 
 
+@app.command("train-reranker")
+def train_reranker_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Re-ranker recipe (.toml).")],
+    out: Annotated[Path, typer.Option(help="Run folder (checkpoints, log).")],
+    val_k: Annotated[int, typer.Option(help="Top K re-ranked in validation.")] = 16,
+) -> None:
+    """Train the cross-attention re-ranker on hard negatives mined by the bi-encoder."""
+    from lightningdot.config import RerankTrainConfig, load_config
+    from lightningdot.train_reranker import train_reranker
+
+    with user_errors():
+        cfg = load_config(RerankTrainConfig, recipe)
+        with progress_bar() as bar:
+            task = bar.add_task("train-reranker", total=None)
+
+            def on_step(epoch: int, step: int, steps: int, losses: dict[str, float]) -> None:
+                bar.update(
+                    task,
+                    total=steps,
+                    completed=step + 1,
+                    description=f"re-ranker epoch {epoch + 1}/{cfg.epochs} loss {losses['loss']:.3f}",
+                )
+
+            best = train_reranker(
+                cfg, out, on_step, log=lambda m: bar.console.print(m), val_k=val_k
+            )
+        if best:
+            console.print(
+                f"best val AR re-ranking the top {val_k}: {best['ar']:.2f} -> {out / 'best'}"
+            )
+
+
 @app.command()
 def evaluate(
     annotations: Annotated[Path, typer.Option(help="Karpathy-format annotation file.")],
@@ -149,20 +181,30 @@ def evaluate(
     features: Annotated[
         Path | None, typer.Option(help="Feature store of the images (else extracted on the fly).")
     ] = None,
+    rerank: Annotated[
+        int, typer.Option(help="Re-rank each query's top K with cross-attention (0: off).")
+    ] = 0,
+    reranker: Annotated[
+        str, typer.Option(help="Shipped re-ranker name or folder (with --rerank).")
+    ] = "default",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics here.")] = None,
 ) -> None:
     """Recall@1/5/10 both ways and AR of a model on one split."""
     from lightningdot.checkpoint import load_model
     from lightningdot.data import read_karpathy
     from lightningdot.evaluate import RetrievalEvaluator, file_batches, store_batches
-    from lightningdot.features import FeatureStore, create_backbone
+    from lightningdot.features import FeatureStore, concat_batches, create_backbone
     from lightningdot.io import write_json
+    from lightningdot.rerank import evaluate_reranked, load_reranker
 
     with user_errors():
+        if rerank < 0:
+            raise LightningDotError("--rerank must be >= 0")
         corpus = read_karpathy(annotations, split)
         if not images.is_dir():
             raise LightningDotError(f"image folder not found: {images}")
         net = load_model(model)
+        cross = load_reranker(reranker, bi=net) if rerank else None
         keys = corpus.keys()
         with progress_bar() as bar:
             task = bar.add_task("encoding images", total=len(keys))
@@ -182,10 +224,85 @@ def evaluate(
                         backbone, paths, on_progress=lambda n: bar.advance(task, n)
                     )
 
-            metrics = RetrievalEvaluator(corpus, regions)(net)
+            if cross is None:
+                metrics = RetrievalEvaluator(corpus, regions)(net)
+            else:
+                gallery = concat_batches(list(regions()))
+                bar.update(task, description=f"re-ranking the top {rerank}")
+                metrics = evaluate_reranked(
+                    cross, corpus.captions, corpus.caption_image, gallery, rerank
+                )
         print_metrics(metrics)
         if json_out is not None:
             write_json(json_out, metrics)
+
+
+@app.command()
+def bench(
+    annotations: Annotated[Path, typer.Option(help="Karpathy-format annotation file.")],
+    images: Annotated[Path, typer.Option(help="Folder of the images it names.")],
+    split: Annotated[str, typer.Option(help="Split whose images are the gallery.")] = "test",
+    model: Annotated[str, typer.Option(help="Shipped model name or model folder.")] = "default",
+    reranker: Annotated[str, typer.Option(help="Shipped re-ranker name or folder.")] = "default",
+    features: Annotated[
+        Path | None, typer.Option(help="Feature store of the images (else extracted first).")
+    ] = None,
+    rerank: Annotated[int, typer.Option(help="Top K the re-ranker re-scores.")] = 16,
+    queries: Annotated[int, typer.Option(help="Text queries timed per method.")] = 50,
+    full_queries: Annotated[
+        int, typer.Option(help="Queries timed for the (slow) full cross-attention ranking.")
+    ] = 3,
+    recall: Annotated[bool, typer.Option(help="Also measure the recalls of both methods.")] = True,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+) -> None:
+    """Time LightningDOT (dot product, + re-rank) against cross-attention over the whole gallery."""
+    from rich.table import Table
+
+    from lightningdot.bench import run_bench
+    from lightningdot.checkpoint import load_model
+    from lightningdot.data import read_karpathy
+    from lightningdot.evaluate import file_batches, store_batches
+    from lightningdot.features import FeatureStore, concat_batches, create_backbone
+    from lightningdot.io import write_json
+    from lightningdot.rerank import load_reranker
+
+    with user_errors():
+        if rerank < 1 or queries < 1 or full_queries < 1:
+            raise LightningDotError("--rerank, --queries and --full-queries must be >= 1")
+        corpus = read_karpathy(annotations, split)
+        net = load_model(model)
+        cross = load_reranker(reranker, bi=net)
+        keys = corpus.keys()
+        with console.status("reading the gallery's regions"):
+            if features is not None:
+                batches = list(store_batches(FeatureStore(features), keys))
+            else:
+                backbone = create_backbone(net.cfg.backbone)
+                batches = list(file_batches(backbone, [images / k for k in keys]))
+        with console.status("timing"):
+            report = run_bench(
+                cross, corpus, concat_batches(batches), rerank, queries, full_queries, recall
+            )
+        table = Table(title=f"{report.gallery} images, {torch_threads()} threads")
+        for col in ("method", "ms / query (median)", "speed-up vs cross_full", "AR"):
+            table.add_column(col, justify="right")
+        for name in ("dot", "dot_rerank", "cross_full"):
+            ar = report.recall.get(name, {}).get("ar")
+            table.add_row(
+                name,
+                f"{report.ms_per_query[name]:.2f}",
+                f"{report.speedup.get(name, 1.0):.0f}x",
+                "" if ar is None else f"{ar:.2f}",
+            )
+        Console().print(table)
+        if json_out is not None:
+            write_json(json_out, report.to_json())
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def print_metrics(m: dict) -> None:
@@ -265,6 +382,12 @@ def search(
     model: Annotated[
         str | None, typer.Option(help="Model (default: the one that built the index).")
     ] = None,
+    rerank: Annotated[
+        int, typer.Option(help="Re-rank the top K with cross-attention (0: off).")
+    ] = 0,
+    reranker: Annotated[
+        str, typer.Option(help="Shipped re-ranker name or folder (with --rerank).")
+    ] = "default",
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Search an index with text queries, or with image files."""
@@ -280,13 +403,16 @@ def search(
             raise LightningDotError("give a text query or --image FILE")
         if k < 1:
             raise LightningDotError("--k must be at least 1")
-        retriever = Retriever.open(index_dir, model)
+        if rerank < 0:
+            raise LightningDotError("--rerank must be >= 0")
+        retriever = Retriever.open(index_dir, model, reranker=reranker if rerank else None)
         if image:
             labels = [str(p) for p in image]
-            answers = retriever.search_image(list(image), k, "images" if images else "captions")
+            target = "images" if images else "captions"
+            answers = retriever.search_image(list(image), k, target, rerank)
         else:
             labels = list(queries or [])
-            answers = retriever.search_text(labels, k)
+            answers = retriever.search_text(labels, k, rerank)
         if json_out:
             payload = [
                 {
@@ -304,11 +430,10 @@ def search(
             return
         out = Console()
         for q, a in zip(labels, answers, strict=True):
-            t = a.timing_ms
-            table = Table(
-                title=f"{q!r}  (encode {t['encode']:.1f} ms, search {t['search']:.2f} ms)",
-                title_justify="left",
+            stages = ", ".join(
+                f"{name} {ms:.1f} ms" for name, ms in a.timing_ms.items() if name != "total"
             )
+            table = Table(title=f"{q!r}  ({stages})", title_justify="left")
             for col in ("rank", "score", "image", "caption"):
                 table.add_column(col)
             for rank, r in enumerate(a.results, 1):
@@ -318,7 +443,9 @@ def search(
 
 @app.command()
 def export(
-    model: Annotated[str, typer.Argument(help="Model folder to export (e.g. runs/NAME/best).")],
+    model: Annotated[
+        str, typer.Argument(help="Model or re-ranker folder to export (e.g. runs/NAME/best).")
+    ],
     out: Annotated[
         Path, typer.Option(help="Folder to write, e.g. src/lightningdot/weights/default.")
     ],
@@ -327,31 +454,45 @@ def export(
         bool, typer.Option(help="Replace a model with a better recorded val AR.")
     ] = False,
 ) -> None:
-    """Write a compact copy of a model (trained parameters only, in a small dtype).
+    """Write a compact copy of a model or re-ranker (trained parameters only, in a small dtype).
 
-    Refuses to replace a model whose recorded validation AR is higher, unless --force.
+    Refuses to replace one whose recorded validation AR is higher, unless --force.
     """
+    import json
+
     import torch
 
-    from lightningdot.checkpoint import load_model, read_model_config, resolve_model, save_model
+    from lightningdot.checkpoint import load_model, resolve_model, save_model
+    from lightningdot.rerank import load_reranker, save_reranker
+
+    def recorded(folder: Path) -> dict:
+        path = folder / "config.json"
+        if not path.is_file():
+            raise LightningDotError(f"not a model or re-ranker folder (no config.json): {folder}")
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise LightningDotError(f"damaged {path}: {e}") from e
 
     with user_errors():
         dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
         if dtype not in dtypes:
             raise LightningDotError(f"--dtype must be one of {sorted(dtypes)}")
-        _, meta = read_model_config(resolve_model(model))
+        meta = recorded(resolve_model(model))
         new_ar = meta.get("val", {}).get("ar")
         if (out / "config.json").is_file() and not force:
-            _, old = read_model_config(out)
-            old_ar = old.get("val", {}).get("ar")
+            old_ar = recorded(out).get("val", {}).get("ar")
             if old_ar is not None and (new_ar is None or new_ar < old_ar):
                 raise LightningDotError(
                     f"{out} holds a model with val AR {old_ar:.2f}, this one has "
                     f"{'none recorded' if new_ar is None else f'{new_ar:.2f}'}; use --force to replace it"
                 )
-        net = load_model(model)
         extra = {k: meta[k] for k in ("val", "epoch", "train") if k in meta}
-        save_model(out, net, dtypes[dtype], extra)
+        if "reranker" in meta:
+            rr = load_reranker(model)
+            save_reranker(out, rr, meta["bi_encoder"], dtypes[dtype], extra)
+        else:
+            save_model(out, load_model(model), dtypes[dtype], extra)
         size = (out / "model.safetensors").stat().st_size / 2**20
         console.print(f"wrote {out} ({size:.1f} MiB of weights, {dtype})")
 

@@ -145,6 +145,48 @@ class TrainConfig:
             raise ValueError("temperature must be positive")
 
 
+@dataclass
+class RerankerConfig:
+    """The cross-attention re-ranker: a single-stream transformer over the bi-encoder's caption
+    token states and [IMG] + region states, with an image-text matching head on the first token.
+    """
+
+    num_layers: int = 1  # fusion layers, started from the top layers of the text encoder
+    dropout: float = 0.1
+    # Re-ranked score = cross logit + fusion x the bi-encoder's logit (dot / temperature);
+    # 0 ranks by the cross-attention model alone.
+    fusion: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.num_layers < 1:
+            raise ValueError("the re-ranker needs at least one layer")
+        if self.fusion < 0:
+            raise ValueError("fusion must be >= 0")
+
+
+@dataclass
+class RerankTrainConfig:
+    reranker: RerankerConfig = field(default_factory=RerankerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    bi_encoder: str = "default"  # model name or folder whose states the re-ranker reads
+    epochs: int = 1
+    batch_size: int = 32  # queries per step in each direction
+    negatives: int = 3  # per query, drawn from the bi-encoder's top `mine_from` wrong answers
+    mine_from: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.05
+    grad_clip: float = 1.0
+    seed: int = 0
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("need epochs >= 1 and batch_size >= 1")
+        if not 1 <= self.negatives <= self.mine_from:
+            raise ValueError("need 1 <= negatives <= mine_from")
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return asdict(cfg)
 

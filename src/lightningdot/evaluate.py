@@ -65,16 +65,82 @@ def recall_metrics(
     if len(image) == 0 or len(text) == 0:
         raise DataError("cannot evaluate without images and captions")
     text, image = text.float(), image.float()
-    t2i = t2i_ranks(text, image, caption_image)
-    i2t = i2t_ranks(text, image, caption_image)
+    return metrics_from_ranks(
+        t2i_ranks(text, image, caption_image), i2t_ranks(text, image, caption_image)
+    )
+
+
+def metrics_from_ranks(t2i: torch.Tensor, i2t: torch.Tensor) -> dict:
+    """0-based ranks of every caption query (t2i) and image query (i2t) -> the metrics dict."""
     res = {
         "t2i": {f"r{k}": 100.0 * (t2i < k).float().mean().item() for k in KS},
         "i2t": {f"r{k}": 100.0 * (i2t < k).float().mean().item() for k in KS},
     }
     res["ar"] = sum(res[d][f"r{k}"] for d in ("t2i", "i2t") for k in KS) / (2 * len(KS))
-    res["n_images"] = len(image)
-    res["n_captions"] = len(text)
+    res["n_images"] = len(i2t)
+    res["n_captions"] = len(t2i)
     return res
+
+
+# (query ids (q,), candidate ids (q, K), their dot scores (q, K)) -> re-ranked scores (q, K)
+Rescore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def reranked_ranks(
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    is_own: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    dot_ranks: torch.Tensor,
+    k: int,
+    rescore: Rescore,
+    block: int = 256,
+) -> torch.Tensor:
+    """0-based rank of each query's best own item after re-scoring its top K by dot product.
+
+    `is_own(query ids (q,), candidate ids (q, K))` marks the right answers. A query whose answers
+    are all outside the top K keeps its dot-product rank (at least K): re-ranking cannot reach it.
+    """
+    k = min(k, len(gallery))
+    out = []
+    for s in range(0, len(queries), block):
+        qid = torch.arange(s, min(s + block, len(queries)))
+        dot = queries[qid] @ gallery.T
+        top, cand = dot.topk(k, dim=1)
+        order = torch.sort(rescore(qid, cand, top), dim=1, descending=True, stable=True).indices
+        own = is_own(qid, cand.gather(1, order))  # (q, K) in re-ranked order
+        first = torch.where(own.any(1), own.float().argmax(1), k)
+        out.append(torch.where(own.any(1), first, dot_ranks[qid].clamp_min(k)))
+    return torch.cat(out)
+
+
+def reranked_metrics(
+    text: torch.Tensor,
+    image: torch.Tensor,
+    caption_image: Sequence[int] | torch.Tensor,
+    k: int,
+    rescore_t2i: Rescore,
+    rescore_i2t: Rescore,
+) -> dict:
+    """`recall_metrics` after re-ranking each query's top K with the given scorers."""
+    caption_image = torch.as_tensor(caption_image, dtype=torch.long)
+    text, image = text.float(), image.float()
+    t2i = reranked_ranks(
+        text,
+        image,
+        lambda q, c: c == caption_image[q, None],
+        t2i_ranks(text, image, caption_image),
+        k,
+        rescore_t2i,
+    )
+    i2t = reranked_ranks(
+        image,
+        text,
+        lambda q, c: caption_image[c] == q[:, None],
+        i2t_ranks(text, image, caption_image),
+        k,
+        rescore_i2t,
+    )
+    return metrics_from_ranks(t2i, i2t)
 
 
 @torch.inference_mode()

@@ -103,3 +103,20 @@ def cmr_loss(
         "cmr_t2i": F.cross_entropy(t2i_logits, target),
         "cmr_i2t": F.cross_entropy(logits.T, target),
     }
+
+
+def itm_loss(t2i_logits: torch.Tensor, i2t_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The re-ranker's image-text matching loss: listwise softmax over each query's candidates.
+
+    Args:
+        t2i_logits: (Q, 1 + n) cross scores of a caption with its image (column 0) and n
+            hard-negative images.
+        i2t_logits: (P, 1 + n) cross scores of an image with one of its captions (column 0) and
+            n hard-negative captions.
+    """
+
+    def listwise(logits: torch.Tensor) -> torch.Tensor:
+        target = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
+        return F.cross_entropy(logits, target)
+
+    return {"itm_t2i": listwise(t2i_logits), "itm_i2t": listwise(i2t_logits)}

@@ -10,6 +10,7 @@ has captions), each a `VectorIndex`, plus `retriever.json` naming the model that
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -26,9 +27,16 @@ from lightningdot.data import Corpus
 from lightningdot.encoders import BiEncoder
 from lightningdot.errors import DataError
 from lightningdot.evaluate import encode_texts, file_batches, store_batches
-from lightningdot.features import FeatureStore, collate_regions, create_backbone, load_image
+from lightningdot.features import (
+    FeatureStore,
+    RegionBatch,
+    collate_regions,
+    create_backbone,
+    load_image,
+)
 from lightningdot.index import IndexConfig, VectorIndex, recall_against_exact
 from lightningdot.io import write_json
+from lightningdot.rerank import Reranker, load_reranker
 
 
 @dataclass
@@ -124,7 +132,10 @@ def build_index(
         report.recall_queries = len(sample)
     for name, index in report.indexes.items():
         index.save(out / name)
-    write_json(out / "retriever.json", {"model": model_name, "model_id": identity})
+    meta = {"model": model_name, "model_id": identity, "images": str(Path(images).resolve())}
+    if features is not None:
+        meta["features"] = str(Path(features.root).resolve())  # re-ranking reads regions here
+    write_json(out / "retriever.json", meta)
     return report
 
 
@@ -156,19 +167,36 @@ def add_to_index(
 
 
 class Retriever:
-    """Answers text and image queries against an index folder with the model that built it."""
+    """Answers text and image queries against an index folder with the model that built it.
+
+    With a re-ranker, `rerank=K` re-scores the top K with cross-attention; the candidates'
+    regions come from the feature store the index was built from, else from their image files.
+    """
 
     def __init__(
-        self, model: BiEncoder, images: VectorIndex, captions: VectorIndex | None, folder: Path
+        self,
+        model: BiEncoder,
+        images: VectorIndex,
+        captions: VectorIndex | None,
+        folder: Path,
+        reranker: Reranker | None = None,
+        images_root: Path | None = None,
+        features: FeatureStore | None = None,
     ) -> None:
         self.model, self.images, self.captions, self.folder = model, images, captions, folder
+        self.reranker, self.images_root, self.features = reranker, images_root, features
         self._backbone = None
 
     @classmethod
     def open(
-        cls, folder: str | os.PathLike[str], model: str | BiEncoder | None = None, mmap: bool = True
+        cls,
+        folder: str | os.PathLike[str],
+        model: str | BiEncoder | None = None,
+        mmap: bool = True,
+        reranker: str | None = None,
     ) -> Retriever:
-        """Load an index folder and its model (by default the one recorded in the folder)."""
+        """Load an index folder and its model (by default the one recorded in the folder), and
+        optionally a re-ranker (a shipped name or a folder) trained for that model."""
         folder = Path(folder)
         meta_path = folder / "retriever.json"
         if not meta_path.is_file():
@@ -183,7 +211,12 @@ class Retriever:
         captions = None
         if (folder / "captions").is_dir():
             captions = VectorIndex.load(folder / "captions", identity, mmap)
-        return cls(net, images, captions, folder)
+        rr = load_reranker(reranker, bi=net) if reranker else None
+        store = None
+        if meta.get("features") and Path(meta["features"]).is_dir():
+            store = FeatureStore(meta["features"])
+        root = Path(meta["images"]) if meta.get("images") else None
+        return cls(net, images, captions, folder, rr, root, store)
 
     @property
     def backbone(self):
@@ -201,27 +234,60 @@ class Retriever:
             out.append(Result(it["id"], float(s), it.get("path") or it.get("image"), caption))
         return out
 
+    def _need_reranker(self, rerank: int) -> Reranker | None:
+        if rerank < 0:
+            raise DataError("rerank must be >= 0")
+        if rerank and self.reranker is None:
+            raise DataError("re-ranking needs a re-ranker: open the index with one")
+        return self.reranker if rerank else None
+
+    def candidate_regions(self, ids: list[str]) -> RegionBatch:
+        """Regions of indexed images, from the feature store when it has them, else from files."""
+        if self.features is not None and all(i in self.features for i in ids):
+            return self.features.batch(ids)
+        by_id = {it["id"]: it for it in self.images.items}
+        root = self.images_root or Path(".")
+        paths = [root / (by_id[i].get("path") or i) for i in ids]
+        pixels = torch.stack([self.backbone.preprocess(load_image(p)) for p in paths])
+        return collate_regions(self.backbone(pixels))
+
     @torch.inference_mode()
-    def search_text(self, queries: list[str], k: int = 10) -> list[Answer]:
-        """Text -> image, a batch of queries at once."""
+    def search_text(self, queries: list[str], k: int = 10, rerank: int = 0) -> list[Answer]:
+        """Text -> image, a batch of queries at once; `rerank=K` re-scores the top K first."""
         if not queries:
             raise DataError("no query given")
+        reranker = self._need_reranker(rerank)
         t0 = time.perf_counter()
         vecs = self.model.encode_text(queries).numpy()
         t1 = time.perf_counter()
-        scores, ids = self.images.search(vecs, k)
+        scores, ids = self.images.search(vecs, max(k, rerank))
         t2 = time.perf_counter()
-        timing = {"encode": 1e3 * (t1 - t0), "search": 1e3 * (t2 - t1), "total": 1e3 * (t2 - t0)}
-        return [
-            Answer(self._results(self.images, s, i), timing)
-            for s, i in zip(scores, ids, strict=True)
-        ]
+        timing = {"encode": 1e3 * (t1 - t0), "search": 1e3 * (t2 - t1)}
+        answers = []
+        for q, s, i in zip(queries, scores, ids, strict=True):
+            results = self._results(self.images, s, i)
+            if reranker is not None:
+                top = results[:rerank]
+                regions = self.candidate_regions([r.id for r in top])
+                dot = torch.tensor([r.score for r in top])
+                results = reorder(top, reranker.rerank_images(q, regions, dot))
+            answers.append(Answer(results[:k], dict(timing)))
+        t3 = time.perf_counter()
+        if reranker is not None:
+            for a in answers:
+                a.timing_ms["rerank"] = 1e3 * (t3 - t2) / len(answers)
+        for a in answers:
+            a.timing_ms["total"] = sum(a.timing_ms.values())
+        return answers
+
+    def _regions(self, pils: list[Image.Image]) -> RegionBatch:
+        pixels = torch.stack([self.backbone.preprocess(im.convert("RGB")) for im in pils])
+        return collate_regions(self.backbone(pixels))
 
     @torch.inference_mode()
     def encode_images(self, images: list[str | os.PathLike[str] | Image.Image]) -> torch.Tensor:
         pils = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
-        pixels = torch.stack([self.backbone.preprocess(im.convert("RGB")) for im in pils])
-        return self.model.encode_image(collate_regions(self.backbone(pixels)))
+        return self.model.encode_image(self._regions(pils))
 
     @torch.inference_mode()
     def search_image(
@@ -229,17 +295,43 @@ class Retriever:
         images: list[str | os.PathLike[str] | Image.Image],
         k: int = 10,
         target: str = "captions",
+        rerank: int = 0,
     ) -> list[Answer]:
-        """Image -> captions (target="captions") or image -> similar images (target="images")."""
+        """Image -> captions (target="captions") or image -> similar images (target="images");
+        `rerank=K` re-scores the top K captions first."""
         index = self.captions if target == "captions" else self.images
         if index is None:
             raise DataError(f"{self.folder} has no caption index (it was built without captions)")
+        if rerank and target != "captions":
+            raise DataError("re-ranking scores image-text pairs; it applies to caption results")
+        reranker = self._need_reranker(rerank)
         t0 = time.perf_counter()
-        vecs = self.encode_images(images).numpy()
+        pils = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
+        regions = self._regions(pils)
+        vecs = self.model.encode_image(regions).numpy()
         t1 = time.perf_counter()
-        scores, ids = index.search(vecs, k)
+        scores, ids = index.search(vecs, max(k, rerank))
         t2 = time.perf_counter()
-        timing = {"encode": 1e3 * (t1 - t0), "search": 1e3 * (t2 - t1), "total": 1e3 * (t2 - t0)}
-        return [
-            Answer(self._results(index, s, i), timing) for s, i in zip(scores, ids, strict=True)
-        ]
+        timing = {"encode": 1e3 * (t1 - t0), "search": 1e3 * (t2 - t1)}
+        answers = []
+        for n, (s, i) in enumerate(zip(scores, ids, strict=True)):
+            results = self._results(index, s, i)
+            if reranker is not None:
+                top = results[:rerank]
+                dot = torch.tensor([r.score for r in top])
+                one = regions.select(slice(n, n + 1))
+                results = reorder(top, reranker.rerank_captions(one, [r.caption for r in top], dot))
+            answers.append(Answer(results[:k], dict(timing)))
+        t3 = time.perf_counter()
+        if reranker is not None:
+            for a in answers:
+                a.timing_ms["rerank"] = 1e3 * (t3 - t2) / len(answers)
+        for a in answers:
+            a.timing_ms["total"] = sum(a.timing_ms.values())
+        return answers
+
+
+def reorder(results: list[Result], scores: torch.Tensor) -> list[Result]:
+    """Results sorted by their re-ranked scores (stable: the dot order breaks ties)."""
+    order = torch.sort(scores, descending=True, stable=True).indices.tolist()
+    return [dataclasses.replace(results[j], score=float(scores[j])) for j in order]

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lightningdot.checkpoint import load_state_into, read_model_config, save_model
-from lightningdot.config import TrainConfig, from_dict, require_same, to_dict
+from lightningdot.config import DataConfig, TrainConfig, from_dict, require_same, to_dict
 from lightningdot.data import Corpus, read_karpathy
 from lightningdot.encoders import BiEncoder
 from lightningdot.errors import ConfigMismatchError, DataError
@@ -165,8 +165,8 @@ class TrainData:
     regions: RegionBatch  # preloaded, in corpus order
 
 
-def load_split(cfg: TrainConfig, split: str, store: FeatureStore, soft_labels: bool) -> TrainData:
-    corpus = read_karpathy(cfg.data.annotations, split)
+def load_split(data: DataConfig, split: str, store: FeatureStore, soft_labels: bool) -> TrainData:
+    corpus = read_karpathy(data.annotations, split)
     missing = [im.key for im in corpus.images if im.key not in store]
     if missing:
         raise DataError(
@@ -241,20 +241,12 @@ def mine_hard_negatives(
     )
     n = len(data.corpus.images)
     images = torch.cat(
-        [
-            model.encode_image(slice_regions(data.regions, torch.arange(s, min(s + batch, n))))
-            for s in range(0, n, batch)
-        ]
+        [model.encode_image(data.regions.select(slice(s, s + batch))) for s in range(0, n, batch)]
     )
     scores = texts @ images.T
     scores.fill_diagonal_(float("-inf"))
     model.train(was)
     return scores.topk(k, dim=1).indices
-
-
-def slice_regions(regions: RegionBatch, idx: torch.Tensor) -> RegionBatch:
-    soft = None if regions.soft_labels is None else regions.soft_labels[idx]
-    return RegionBatch(regions.features[idx], regions.boxes[idx], regions.mask[idx], soft)
 
 
 StepCallback = Callable[[int, int, int, dict[str, float]], None]  # epoch, step, steps, losses
@@ -284,8 +276,12 @@ def train(
 
     store = FeatureStore(cfg.data.features)
     check_store(cfg, store)
-    train_data = load_split(cfg, cfg.data.train_split, store, soft_labels=bool(cfg.objectives.smrm))
-    val_data = load_split(cfg, cfg.data.val_split, store, False) if cfg.data.val_split else None
+    train_data = load_split(
+        cfg.data, cfg.data.train_split, store, soft_labels=bool(cfg.objectives.smrm)
+    )
+    val_data = (
+        load_split(cfg.data, cfg.data.val_split, store, False) if cfg.data.val_split else None
+    )
 
     model = BiEncoder(cfg.model)
     model.init_pretrained(cfg.temperature)
@@ -327,7 +323,7 @@ def train(
 
     evaluator = None
     if val_data is not None:
-        evaluator = RetrievalEvaluator(val_data.corpus, lambda: batches_of(val_data.regions, 256))
+        evaluator = RetrievalEvaluator(val_data.corpus, lambda: val_data.regions.chunks(256))
 
     captions = train_data.corpus.images
     offsets = np.cumsum([0] + [len(im.captions) for im in captions])
@@ -352,11 +348,11 @@ def train(
             idx = mine[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             tokens = model.tokenize([flat[pick[i]] for i in idx.tolist()])
             tokens = {k: v.to(device) for k, v in tokens.items()}
-            regions = drop_regions(slice_regions(train_data.regions, idx), cfg.region_keep, gen)
+            regions = drop_regions(train_data.regions.select(idx), cfg.region_keep, gen)
             regions = regions.to(device)
             hard = None
             if hard_idx is not None:
-                hard = slice_regions(train_data.regions, hard_idx[idx].flatten()).to(device)
+                hard = train_data.regions.select(hard_idx[idx].flatten()).to(device)
             losses = wrapped(tokens, regions, gen, hard)
             loss = total_loss(losses, cfg)
             optimizer.zero_grad(set_to_none=True)
@@ -419,11 +415,6 @@ def peak_rss_mb() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
-def batches_of(regions: RegionBatch, size: int):
-    for s in range(0, len(regions), size):
-        yield slice_regions(regions, torch.arange(s, min(s + size, len(regions))))
 
 
 def save_run(

@@ -8,7 +8,13 @@ from lightningdot.features.backbones import (
     register_backbone,
 )
 from lightningdot.features.detector import read_detector_npz
-from lightningdot.features.regions import RegionBatch, RegionFeatures, collate_regions, grid_boxes
+from lightningdot.features.regions import (
+    RegionBatch,
+    RegionFeatures,
+    collate_regions,
+    concat_batches,
+    grid_boxes,
+)
 from lightningdot.features.store import FeatureStore, FeatureStoreWriter, StoreInfo
 
 __all__ = [
@@ -18,6 +24,7 @@ __all__ = [
     "RegionBatch",
     "RegionFeatures",
     "collate_regions",
+    "concat_batches",
     "StoreInfo",
     "create_backbone",
     "grid_boxes",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,15 @@ class RegionBatch:
     def __len__(self) -> int:
         return self.features.shape[0]
 
+    def select(self, idx: torch.Tensor | slice) -> RegionBatch:
+        """The images at `idx` (indices or a slice), in that order."""
+        soft = None if self.soft_labels is None else self.soft_labels[idx]
+        return RegionBatch(self.features[idx], self.boxes[idx], self.mask[idx], soft)
+
+    def chunks(self, size: int) -> Iterator[RegionBatch]:
+        for s in range(0, len(self), size):
+            yield self.select(slice(s, s + size))
+
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> RegionBatch:
         return RegionBatch(
             self.features.to(device, dtype),
@@ -108,3 +118,26 @@ def collate_regions(items: list[RegionFeatures]) -> RegionBatch:
         if soft is not None:
             soft[i, :n] = it.soft_labels
     return RegionBatch(feats, boxes, mask, soft)
+
+
+def concat_batches(batches: list[RegionBatch]) -> RegionBatch:
+    """One batch of the images of several, padded to the most regions of any."""
+    if not batches:
+        raise ValueError("cannot concatenate no batches")
+    r = max(b.features.shape[1] for b in batches)
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, 0, 0, r - x.shape[1])) if x.ndim == 3 else x
+
+    def pad_mask(m: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(m, (0, r - m.shape[1]))
+
+    soft = None
+    if all(b.soft_labels is not None for b in batches):
+        soft = torch.cat([pad(b.soft_labels) for b in batches])
+    return RegionBatch(
+        torch.cat([pad(b.features) for b in batches]),
+        torch.cat([pad(b.boxes) for b in batches]),
+        torch.cat([pad_mask(b.mask) for b in batches]),
+        soft,
+    )

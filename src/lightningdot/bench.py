@@ -1,0 +1,116 @@
+"""The paper's headline, measured: dot-product retrieval against cross-attention over everything.
+
+For each text query, on one gallery and in one process:
+
+    dot         encode the query, search the index (LightningDOT)
+    dot_rerank  the same, then the cross-attention model re-scores the top K
+    cross_full  the cross-attention model scores every image of the gallery (the baseline)
+
+The gallery's image vectors are indexed once beforehand (offline, not timed). Re-ranking and
+the baseline start from the candidates' region features, as a feature store holds them, and run
+the same code, so their ratio is the price of scoring K images against scoring all of them.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from lightningdot.data import Corpus
+from lightningdot.evaluate import encode_region_batches, recall_metrics
+from lightningdot.features import RegionBatch
+from lightningdot.index import VectorIndex
+from lightningdot.rerank import Reranker, evaluate_reranked
+
+
+@dataclass
+class BenchReport:
+    gallery: int
+    queries: dict[str, int]  # how many queries each median is over
+    ms_per_query: dict[str, float]  # medians
+    speedup: dict[str, float]  # cross_full / each
+    rerank_k: int
+    recall: dict[str, dict] = field(default_factory=dict)  # metrics of dot and dot_rerank
+    threads: int = field(default_factory=torch.get_num_threads)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _median_ms(fn, queries: list[str]) -> float:
+    times = []
+    for q in queries:
+        t0 = time.perf_counter()
+        fn(q)
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def run_bench(
+    reranker: Reranker,
+    corpus: Corpus,
+    regions: RegionBatch,
+    rerank_k: int = 16,
+    n_queries: int = 50,
+    n_full_queries: int = 3,
+    with_recall: bool = True,
+) -> BenchReport:
+    """Time the three ways of answering a text query over the corpus's images (see module doc)."""
+    bi = reranker.eval().bi
+    vectors = encode_region_batches(bi, regions.chunks(256)).numpy()
+    index = VectorIndex.build(vectors, [{"id": k} for k in corpus.keys()], "bench")
+    k = min(rerank_k, len(index))
+    rng = np.random.default_rng(0)
+    pool = corpus.captions
+    queries = [pool[i] for i in rng.permutation(len(pool))[: max(n_queries, n_full_queries)]]
+
+    def dot(q: str):
+        return index.search(bi.encode_text([q]).numpy(), 10)
+
+    def dot_rerank(q: str):
+        scores, ids = index.search(bi.encode_text([q]).numpy(), k)
+        cand = torch.from_numpy(ids[0])
+        fused = reranker.rerank_images(q, regions.select(cand), torch.from_numpy(scores[0]))
+        return cand[torch.argsort(fused, descending=True)[:10]]
+
+    every = torch.arange(len(regions))
+
+    def cross_full(q: str):
+        # The baseline has no index: the cross-attention model scores every image.
+        cross = reranker.cross_scores(
+            tuple(x.expand(len(every), *x.shape[1:]) for x in reranker.text_states([q])),
+            reranker.image_states(regions.select(every)),
+        )
+        return every[torch.argsort(cross, descending=True)[:10]]
+
+    dot(queries[0])  # first calls pay one-off costs (tokenizer, allocations)
+    dot_rerank(queries[0])
+    ms = {
+        "dot": _median_ms(dot, queries[:n_queries]),
+        "dot_rerank": _median_ms(dot_rerank, queries[:n_queries]),
+        "cross_full": _median_ms(cross_full, queries[:n_full_queries]),
+    }
+    report = BenchReport(
+        gallery=len(index),
+        queries={"dot": n_queries, "dot_rerank": n_queries, "cross_full": n_full_queries},
+        ms_per_query={name: round(v, 3) for name, v in ms.items()},
+        speedup={
+            "dot": round(ms["cross_full"] / ms["dot"], 1),
+            "dot_rerank": round(ms["cross_full"] / ms["dot_rerank"], 1),
+        },
+        rerank_k=k,
+    )
+    if with_recall:
+        from lightningdot.evaluate import encode_texts
+
+        text = encode_texts(bi, corpus.captions)
+        report.recall["dot"] = recall_metrics(text, torch.from_numpy(vectors), corpus.caption_image)
+        report.recall["dot_rerank"] = evaluate_reranked(
+            reranker, corpus.captions, corpus.caption_image, regions, k
+        )
+    return report

@@ -1,0 +1,157 @@
+"""Training of the cross-attention re-ranker on hard negatives mined by the bi-encoder.
+
+Each step takes a batch of training images and one caption of each, and asks the re-ranker to
+pick, in both directions, the right answer among it and `negatives` wrong ones drawn from the
+bi-encoder's own top `mine_from`: exactly the confusions re-ranking exists to fix. The loss is
+on the score used at query time (cross logit fused with the bi-encoder's logit), so the
+cross-attention model learns what the dot product misses.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lightningdot.checkpoint import load_model
+from lightningdot.config import RerankTrainConfig, to_dict
+from lightningdot.encoders import BiEncoder
+from lightningdot.evaluate import encode_region_batches, encode_texts
+from lightningdot.features import FeatureStore
+from lightningdot.io import atomic_dir
+from lightningdot.objectives import itm_loss
+from lightningdot.rerank import Reranker, evaluate_reranked, gallery_states, save_reranker
+from lightningdot.train import TrainData, load_split, peak_rss_mb, seed_everything, warmup_cosine
+
+
+@torch.inference_mode()
+def mine(bi: BiEncoder, data: TrainData, k: int):
+    """The bi-encoder's vectors of every caption (C, E) and image (G, E), and its top-k wrong
+    answers: images per caption (C, k) and captions per image (G, k)."""
+    captions = data.corpus.captions
+    owner = torch.as_tensor(data.corpus.caption_image)
+    text = encode_texts(bi, captions)
+    image = encode_region_batches(bi, data.regions.chunks(256))
+    scores = text @ image.T  # (C, G)
+    wrong_images = scores.masked_fill(owner[:, None] == torch.arange(len(image)), float("-inf"))
+    own_caption = owner[None, :] == torch.arange(len(image))[:, None]  # (G, C)
+    wrong_captions = scores.T.masked_fill(own_caption, float("-inf"))
+    hard_images = wrong_images.topk(k, dim=1).indices
+    return text, image, hard_images, wrong_captions.topk(k, dim=1).indices
+
+
+def sample_columns(pool: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """n distinct entries of each row of `pool`, uniformly: (B, P) -> (B, n)."""
+    pick = torch.rand(pool.shape, generator=gen).argsort(dim=1)[:, :n]
+    return pool.gather(1, pick)
+
+
+def train_reranker(
+    cfg: RerankTrainConfig,
+    out: str | Path,
+    on_step: Callable[[int, int, int, dict[str, float]], None] | None = None,
+    log: Callable[[str], None] = print,
+    val_k: int = 16,
+) -> dict:
+    """Train a re-ranker for the recipe's bi-encoder; `out/best` holds the best val AR."""
+    out = Path(out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    bi = load_model(cfg.bi_encoder)
+    reranker = Reranker(bi, cfg.reranker)
+    reranker.init_pretrained()
+    store = FeatureStore(cfg.data.features)
+    train = load_split(cfg.data, cfg.data.train_split, store, soft_labels=False)
+    val = load_split(cfg.data, cfg.data.val_split, store, False) if cfg.data.val_split else None
+
+    log("mining hard negatives with the bi-encoder")
+    text_vecs, image_vecs, hard_images, hard_captions = mine(bi, train, cfg.mine_from)
+    states, masks = gallery_states(reranker, train.regions)  # the bi-encoder is frozen
+
+    n_images = len(train.corpus.images)
+    steps = max(1, n_images // cfg.batch_size)
+    params = [p for p in reranker.cross.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(steps * cfg.epochs, cfg.warmup)
+    )
+    first_caption = torch.as_tensor([0] + [len(im.captions) for im in train.corpus.images]).cumsum(
+        0
+    )
+    captions = train.corpus.captions
+    best: dict = {"ar": -1.0}
+    for epoch in range(cfg.epochs):
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        order = torch.randperm(n_images, generator=gen)
+        reranker.train()
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        for step in range(steps):
+            img = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            counts = torch.as_tensor([len(train.corpus.images[i].captions) for i in img.tolist()])
+            cap = first_caption[img] + (torch.rand(len(img), generator=gen) * counts).long()
+            n = cfg.negatives + 1
+            # text -> image: the caption against its image and n - 1 confusable images
+            cand_img = torch.cat([img[:, None], sample_columns(hard_images[cap], n - 1, gen)], 1)
+            ts, tm = reranker.text_states([captions[c] for c in cap.tolist()])
+            flat = cand_img.flatten()
+            t2i = reranker.cross_scores(
+                (ts.repeat_interleave(n, 0), tm.repeat_interleave(n, 0)),
+                (states[flat], masks[flat]),
+            ).view(-1, n)
+            # image -> text: the image against that caption and n - 1 confusable captions
+            cand_cap = torch.cat([cap[:, None], sample_columns(hard_captions[img], n - 1, gen)], 1)
+            cs, cm = reranker.text_states([captions[c] for c in cand_cap.flatten().tolist()])
+            i2t = reranker.cross_scores(
+                (cs, cm), (states[img].repeat_interleave(n, 0), masks[img].repeat_interleave(n, 0))
+            ).view(-1, n)
+            dot_t2i = (text_vecs[cap, None] * image_vecs[cand_img]).sum(-1)
+            dot_i2t = (text_vecs[cand_cap] * image_vecs[img, None]).sum(-1)
+            losses = itm_loss(reranker.fuse(t2i, dot_t2i), reranker.fuse(i2t, dot_i2t))
+            loss = (losses["itm_t2i"] + losses["itm_i2t"]) / 2
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            values = {k: float(v.detach()) for k, v in losses.items()} | {
+                "loss": float(loss.detach())
+            }
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if on_step:
+                on_step(epoch, step, steps, values)
+        seconds = time.perf_counter() - t0
+        record = {
+            "epoch": epoch + 1,
+            "seconds": round(seconds, 2),
+            "queries_per_s": round(2 * steps * cfg.batch_size / seconds, 2),
+            "loss": {k: round(v / steps, 5) for k, v in sums.items()},
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+        }
+        if val is not None:
+            metrics = evaluate_reranked(
+                reranker, val.corpus.captions, val.corpus.caption_image, val.regions, val_k
+            )
+            record["val"] = metrics
+            if metrics["ar"] > best["ar"]:
+                best = metrics
+                with atomic_dir(out / "best") as tmp:
+                    save_reranker(tmp, reranker, cfg.bi_encoder, extra=meta(cfg, epoch, metrics))
+        with atomic_dir(out / "last") as tmp:
+            save_reranker(tmp, reranker, cfg.bi_encoder, extra=meta(cfg, epoch, record.get("val")))
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log(json.dumps(record))
+    return best if val is not None else {}
+
+
+def meta(cfg: RerankTrainConfig, epoch: int, val: dict | None) -> dict:
+    return {"train": to_dict(cfg), "epoch": epoch + 1, **({"val": val} if val else {})}

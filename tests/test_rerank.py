@@ -1,0 +1,198 @@
+"""The cross-attention re-ranker: scores, re-ranked recall, storage and training."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model_config
+
+from lightningdot.checkpoint import load_model, save_model
+from lightningdot.config import DataConfig, RerankerConfig, RerankTrainConfig
+from lightningdot.data import read_karpathy
+from lightningdot.encoders import BiEncoder
+from lightningdot.errors import ConfigMismatchError
+from lightningdot.evaluate import i2t_ranks, recall_metrics, reranked_metrics, t2i_ranks
+from lightningdot.features import FeatureStore
+from lightningdot.rerank import Reranker, evaluate_reranked, load_reranker, save_reranker
+from lightningdot.train_reranker import train_reranker
+
+
+def tiny_reranker(seed: int = 0, fusion: float = 1.0) -> Reranker:
+    torch.manual_seed(seed)
+    bi = BiEncoder(tiny_model_config())
+    bi.init_pretrained()
+    r = Reranker(bi.eval(), RerankerConfig(num_layers=1, fusion=fusion))
+    r.init_pretrained()
+    return r.eval()
+
+
+def naive_reranked(text, image, caption_image, k, cross_t2i, cross_i2t):
+    """Reference: for each query, sort the whole gallery, re-sort its top k by the new score."""
+    s = text @ image.T
+    t2i_dot, i2t_dot = t2i_ranks(text, image, caption_image), i2t_ranks(text, image, caption_image)
+    t2i, i2t = [], []
+    for q in range(len(text)):
+        top = sorted(range(len(image)), key=lambda g: -s[q, g])[:k]
+        new = sorted(top, key=lambda g: -(cross_t2i[q, g] + s[q, g]))
+        own = [p for p, g in enumerate(new) if g == caption_image[q]]
+        t2i.append(own[0] if own else max(k, int(t2i_dot[q])))
+    for g in range(len(image)):
+        top = sorted(range(len(text)), key=lambda q: -s[q, g])[:k]
+        new = sorted(top, key=lambda q: -(cross_i2t[g, q] + s[q, g]))
+        own = [p for p, q in enumerate(new) if caption_image[q] == g]
+        i2t.append(own[0] if own else max(k, int(i2t_dot[g])))
+    return t2i, i2t
+
+
+@pytest.mark.parametrize("k", [1, 3, 12])
+def test_reranked_ranks_match_naive_reference(k):
+    g = torch.Generator().manual_seed(k)
+    image = torch.randn(6, 8, generator=g)
+    text = torch.randn(12, 8, generator=g)
+    caption_image = torch.arange(6).repeat_interleave(2)
+    cross_t2i, cross_i2t = torch.randn(12, 6, generator=g), torch.randn(6, 12, generator=g)
+    got = reranked_metrics(
+        text,
+        image,
+        caption_image,
+        k,
+        lambda q, c, dot: cross_t2i[q[:, None], c] + dot,
+        lambda q, c, dot: cross_i2t[q[:, None], c] + dot,
+    )
+    t2i, i2t = naive_reranked(text, image, caption_image, k, cross_t2i, cross_i2t)
+    for key in ("r1", "r5", "r10"):
+        kk = int(key[1:])
+        assert got["t2i"][key] == pytest.approx(100 * sum(r < kk for r in t2i) / len(t2i))
+        assert got["i2t"][key] == pytest.approx(100 * sum(r < kk for r in i2t) / len(i2t))
+
+
+def test_rescoring_by_the_dot_product_changes_nothing():
+    g = torch.Generator().manual_seed(0)
+    image, text = torch.randn(5, 8, generator=g), torch.randn(10, 8, generator=g)
+    caption_image = torch.arange(5).repeat_interleave(2)
+    same = reranked_metrics(
+        text, image, caption_image, 4, lambda q, c, dot: dot, lambda q, c, dot: dot
+    )
+    assert same == recall_metrics(text, image, caption_image)
+
+
+def test_batched_cross_scores_equal_one_by_one(store_dir):
+    r = tiny_reranker()
+    store = FeatureStore(store_dir)
+    regions = store.batch(store.keys()[:4])
+    texts = ["a red picture", "something much longer than the other captions here", "blue", "a"]
+    with torch.no_grad():
+        batched = r.cross_scores(r.text_states(texts), r.image_states(regions), chunk=3)
+        single = torch.cat(
+            [
+                r.cross_scores(r.text_states([t]), r.image_states(regions.select(slice(i, i + 1))))
+                for i, t in enumerate(texts)
+            ]
+        )
+    assert torch.allclose(batched, single, atol=1e-5)
+
+
+def test_rerank_images_fuses_cross_and_dot_scores(store_dir):
+    r = tiny_reranker(fusion=0.5)
+    store = FeatureStore(store_dir)
+    regions = store.batch(store.keys()[:3])
+    dot = torch.tensor([0.3, -0.1, 0.2])
+    with torch.no_grad():
+        cross = r.cross_scores(
+            (
+                r.text_states(["a cat"])[0].expand(3, -1, -1),
+                r.text_states(["a cat"])[1].expand(3, -1),
+            ),
+            r.image_states(regions),
+        )
+    got = r.rerank_images("a cat", regions, dot)
+    assert torch.allclose(got, cross + 0.5 * dot * r.bi.logit_scale.exp(), atol=1e-5)
+
+
+def test_evaluate_reranked_over_the_whole_gallery_ranks_by_fused_scores(corpus_dir, store_dir):
+    r = tiny_reranker()
+    corpus = read_karpathy(corpus_dir / "captions.json", "val")
+    regions = FeatureStore(store_dir).batch(corpus.keys())
+    got = evaluate_reranked(
+        r, corpus.captions, corpus.caption_image, regions, k=len(corpus.keys()) * 2
+    )
+    # Reference: the fused score of every (caption, image) pair, computed pair by pair.
+    with torch.no_grad():
+        fused = torch.zeros(len(corpus.captions), len(corpus.keys()))
+        t = r.bi.encode_text(corpus.captions)
+        v = r.bi.encode_image(regions)
+        for q, cap in enumerate(corpus.captions):
+            for g in range(len(corpus.keys())):
+                one = regions.select(slice(g, g + 1))
+                fused[q, g] = r.rerank_images(cap, one, t[q : q + 1] @ v[g : g + 1].T)[0]
+    want = recall_metrics(torch.eye(1), torch.eye(1), [0])  # layout only
+    ranks_t2i = [
+        int((fused[q] >= fused[q, corpus.caption_image[q]]).sum()) - 1 for q in range(len(t))
+    ]
+    want["t2i"] = {
+        f"r{k}": 100 * sum(x < k for x in ranks_t2i) / len(ranks_t2i) for k in (1, 5, 10)
+    }
+    assert got["t2i"] == pytest.approx(want["t2i"])
+    assert got["rerank_k"] == len(corpus.keys()) * 2
+
+
+def test_save_load_round_trip_and_refusal(tmp_path):
+    r = tiny_reranker(seed=1)
+    save_model(tmp_path / "bi", r.bi)
+    bi = load_model(tmp_path / "bi")
+    save_reranker(tmp_path / "rr", r, str(tmp_path / "bi"))
+    back = load_reranker(tmp_path / "rr")  # its own bi-encoder, by the recorded name
+    for (n, a), (_, b) in zip(
+        r.cross.named_parameters(), back.cross.named_parameters(), strict=True
+    ):
+        assert torch.equal(a, b), n
+    other = BiEncoder(tiny_model_config())
+    other.init_pretrained()
+    with pytest.raises(ConfigMismatchError, match="train-reranker"):
+        load_reranker(tmp_path / "rr", bi=other)
+    assert load_reranker(tmp_path / "rr", bi=bi).cfg == r.cfg
+
+
+def test_train_reranker_writes_checkpoints_and_a_log(corpus_dir, store_dir, tmp_path):
+    r = tiny_reranker()
+    save_model(tmp_path / "bi", r.bi)
+    cfg = RerankTrainConfig(
+        reranker=RerankerConfig(num_layers=1),
+        data=DataConfig(str(corpus_dir / "captions.json"), str(store_dir)),
+        bi_encoder=str(tmp_path / "bi"),
+        epochs=2,
+        batch_size=4,
+        negatives=2,
+        mine_from=3,
+    )
+    best = train_reranker(cfg, tmp_path / "run", log=lambda m: None, val_k=3)
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in log] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(x["loss"]["loss"])) for x in log)
+    assert best["ar"] == max(x["val"]["ar"] for x in log)
+    loaded = load_reranker(tmp_path / "run" / "best")
+    assert loaded.cfg.num_layers == 1
+
+
+def test_cli_bench_reports_the_three_methods(corpus_dir, store_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from lightningdot.cli import app
+
+    r = tiny_reranker()
+    save_model(tmp_path / "bi", r.bi)
+    save_reranker(tmp_path / "rr", r, str(tmp_path / "bi"))
+    out = tmp_path / "bench.json"
+    args = ["bench", "--annotations", str(corpus_dir / "captions.json"), "--images"]
+    args += [str(corpus_dir / "images"), "--split", "val", "--model", str(tmp_path / "bi")]
+    args += ["--reranker", str(tmp_path / "rr"), "--features", str(store_dir), "--rerank", "2"]
+    args += ["--queries", "3", "--full-queries", "2", "--json", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rep = json.loads(out.read_text())
+    assert rep["gallery"] == 4 and rep["rerank_k"] == 2
+    ms = rep["ms_per_query"]
+    assert set(ms) == {"dot", "dot_rerank", "cross_full"} and all(v > 0 for v in ms.values())
+    assert rep["speedup"]["dot"] == pytest.approx(ms["cross_full"] / ms["dot"], rel=0.01, abs=0.1)
+    assert set(rep["recall"]) == {"dot", "dot_rerank"}
+    assert rep["recall"]["dot_rerank"]["rerank_k"] == 2
