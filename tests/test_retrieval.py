@@ -217,3 +217,21 @@ def test_rerank_reorders_the_dot_top_k_by_fused_scores(corpus_dir, model_dir, tm
     assert len(caps.results) == 3
     with pytest.raises(DataError, match="re-ranker"):
         Retriever.open(tmp_path / "ix").search_text([q], rerank=4)
+
+
+def test_queries_of_unknown_characters_still_get_an_answer(
+    corpus_dir, store_dir, model_dir, tmp_path
+):
+    corpus = read_karpathy(corpus_dir / "captions.json")
+    build_index(
+        open_model(model_dir),
+        str(model_dir),
+        corpus,
+        corpus_dir / "images",
+        tmp_path / "ix",
+        features=FeatureStore(store_dir),
+    )
+    r = Retriever.open(tmp_path / "ix")
+    for q in ["☃☃☃ ∰", "😀", "שלום עולם", "a dog 🐕 and 猫"]:
+        (a,) = r.search_text([q], k=3)
+        assert len(a.results) == 3

@@ -310,4 +310,4 @@ def evaluate_reranked(
 
     metrics = reranked_metrics(text_vecs, image_vecs, caption_image, k, t2i, i2t)
     reranker.train(was)
-    return metrics | {"rerank_k": k}
+    return metrics
