@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +94,14 @@ def test_recipe_toml_with_unknown_key(tmp_path):
     (tmp_path / "r.toml").write_text("epochs = 2\n[model]\nembed_dimension = 3\n")
     with pytest.raises(DataError, match="embed_dimension"):
         load_config(TrainConfig, tmp_path / "r.toml")
+
+
+@pytest.mark.parametrize(
+    "recipe", sorted(p.name for p in (Path(__file__).parent.parent / "recipes").rglob("*.toml"))
+)
+def test_every_shipped_recipe_parses(recipe):
+    from lightningdot.config import RerankTrainConfig
+
+    path = next((Path(__file__).parent.parent / "recipes").rglob(recipe))
+    cls = RerankTrainConfig if recipe.startswith("reranker") else TrainConfig
+    load_config(cls, path)
