@@ -138,3 +138,18 @@ def test_efficientnet_lite2_grid(tmp_path):
     assert r.features.shape == (81, 1280) and r.soft_labels.shape == (81, 1000)
     assert torch.allclose(r.soft_labels.sum(-1), torch.ones(81), atol=1e-4)
     json.dumps(bb.name)
+
+
+def test_reading_a_few_rows_equals_reading_whole_shards(tmp_path):
+    keys = [f"k{i}" for i in range(40)]
+    write_store(tmp_path / "small", keys)  # shards of 5 rows: every read takes a whole shard
+    small = FeatureStore(tmp_path / "small")
+    # The same regions in shards of 20 rows, where a read of two rows goes row by row.
+    with FeatureStoreWriter(tmp_path / "big", small.info, shard_size=20) as w:
+        for k, r in zip(keys, small.gather(keys), strict=True):
+            w.add(k, r)
+    big = FeatureStore(tmp_path / "big")
+    few, want = big.batch(["k3", "k37"]), small.batch(["k3", "k37"])
+    assert torch.equal(few.features, want.features) and torch.equal(few.boxes, want.boxes)
+    assert torch.equal(few.soft_labels, want.soft_labels)
+    assert big.batch(["k3"], soft_labels=False).soft_labels is None

@@ -244,7 +244,7 @@ class Retriever:
     def candidate_regions(self, ids: list[str]) -> RegionBatch:
         """Regions of indexed images, from the feature store when it has them, else from files."""
         if self.features is not None and all(i in self.features for i in ids):
-            return self.features.batch(ids)
+            return self.features.batch(ids, soft_labels=False)
         by_id = {it["id"]: it for it in self.images.items}
         root = self.images_root or Path(".")
         paths = [root / (by_id[i].get("path") or i) for i in ids]

@@ -70,8 +70,12 @@ class FeatureStore:
     def get(self, key: str) -> RegionFeatures:
         return self.gather([key])[0]
 
-    def gather(self, keys: list[str]) -> list[RegionFeatures]:
-        """The regions of each key, reading every shard involved once."""
+    def gather(self, keys: list[str], soft_labels: bool = True) -> list[RegionFeatures]:
+        """The regions of each key, opening every shard involved once.
+
+        A shard that contributes a few rows is read row by row (a query's top K touches many
+        shards for a row or two each); one that contributes many is read whole.
+        """
         missing = [k for k in keys if k not in self._where]
         if missing:
             raise DataError(
@@ -84,21 +88,31 @@ class FeatureStore:
         out: list[RegionFeatures | None] = [None] * len(keys)
         for shard, wanted in by_shard.items():
             with safe_open(shard, framework="pt") as f:
-                names = set(f.keys())
-                feats, boxes = f.get_tensor("features"), f.get_tensor("boxes")
+                names = ["features", "boxes"]
+                if soft_labels and "soft_labels" in set(f.keys()):
+                    names.append("soft_labels")
                 counts = f.get_tensor("num_regions")
-                soft = f.get_tensor("soft_labels") if "soft_labels" in names else None
+                if len(wanted) * 8 >= len(counts):
+                    whole = {n: f.get_tensor(n) for n in names}
+                    rows = {row: {n: t[row] for n, t in whole.items()} for _, row in wanted}
+                else:
+                    slices = {n: f.get_slice(n) for n in names}
+                    rows = {
+                        row: {n: sl[row : row + 1][0] for n, sl in slices.items()}
+                        for _, row in wanted
+                    }
             for pos, row in wanted:
-                n = int(counts[row])
+                n, r = int(counts[row]), rows[row]
+                soft = r.get("soft_labels")
                 out[pos] = RegionFeatures(
-                    feats[row, :n].clone(),
-                    boxes[row, :n].float().clone(),
-                    None if soft is None else soft[row, :n].clone(),
+                    r["features"][:n].clone(),
+                    r["boxes"][:n].float().clone(),
+                    None if soft is None else soft[:n].clone(),
                 )
         return out  # type: ignore[return-value]
 
-    def batch(self, keys: list[str]) -> RegionBatch:
-        return collate_regions(self.gather(keys))
+    def batch(self, keys: list[str], soft_labels: bool = True) -> RegionBatch:
+        return collate_regions(self.gather(keys, soft_labels))
 
 
 class FeatureStoreWriter:
