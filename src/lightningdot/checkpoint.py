@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from lightningdot.config import ModelConfig, from_dict, to_dict
 from lightningdot.encoders import BiEncoder
@@ -56,33 +57,40 @@ def save_model(
     )
 
 
-def read_model_config(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
+def read_config_json(folder: Path, key: str, what: str = "model") -> dict[str, Any]:
+    """The `config.json` of a model or re-ranker folder, checked for format and for `key`."""
     path = folder / "config.json"
     if not path.is_file():
-        raise DataError(f"not a model folder (no config.json): {folder}")
+        raise DataError(f"not a {what} folder (no config.json): {folder}")
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise DataError(f"damaged model config {path}: {e}") from e
-    if meta.get("format") != FORMAT or "model" not in meta:
-        raise DataError(f"{path} is not a lightningdot model config (format {FORMAT})")
+        raise DataError(f"damaged {what} config {path}: {e}") from e
+    if meta.get("format") != FORMAT or key not in meta:
+        raise DataError(f"{path} is not a lightningdot {what} config (format {FORMAT})")
+    return meta
+
+
+def read_model_config(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    meta = read_config_json(folder, "model")
     return from_dict(ModelConfig, meta["model"]), meta
 
 
-def load_state_into(model: BiEncoder, weights: Path) -> None:
-    """Load trained parameters, refusing a file whose names or shapes do not fit the model."""
+def load_state_into(model: nn.Module, weights: Path) -> None:
+    """Load trained parameters into a module that names them in `stored_state()`, refusing a
+    file whose names or shapes do not fit it."""
     if not weights.is_file():
-        raise DataError(f"model weights not found: {weights}")
+        raise DataError(f"weights not found: {weights}")
     try:
         with safe_open(weights, framework="pt") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for damaged files
-        raise DataError(f"damaged model weights {weights}: {e}") from e
+        raise DataError(f"damaged weights {weights}: {e}") from e
     expected = model.stored_state()
     missing, unexpected = set(expected) - set(state), set(state) - set(expected)
     if missing or unexpected:
         raise ConfigMismatchError(
-            f"{weights} does not fit the model config: missing {sorted(missing)[:3]}, "
+            f"{weights} does not fit the config: missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}"
         )
     for name, tensor in state.items():

@@ -41,6 +41,21 @@ def progress_bar() -> Progress:
     )
 
 
+def step_reporter(bar: Progress, label: str, epochs: int):
+    """A training loop's `on_step` callback that moves a progress bar and shows the loss."""
+    task = bar.add_task(label, total=None)
+
+    def on_step(epoch: int, step: int, steps: int, losses: dict[str, float]) -> None:
+        bar.update(
+            task,
+            total=steps,
+            completed=step + 1,
+            description=f"{label} epoch {epoch + 1}/{epochs} loss {losses['loss']:.3f}",
+        )
+
+    return on_step
+
+
 def _corpus(annotations: Path | None, images: Path, split: str | None):
     from lightningdot.data import read_image_folder, read_karpathy
 
@@ -107,17 +122,7 @@ def _train(recipe: Path, out: Path, mode: str) -> None:
         if mode == "finetune" and (w.vmlm or w.smrm):
             raise LightningDotError(f"{recipe}: fine-tuning uses CMR alone; set vmlm = smrm = 0")
         with progress_bar() as bar:
-            task = bar.add_task(mode, total=None)
-
-            def on_step(epoch: int, step: int, steps: int, losses: dict[str, float]) -> None:
-                bar.update(
-                    task,
-                    total=steps,
-                    completed=step + 1,
-                    description=f"{mode} epoch {epoch + 1}/{cfg.epochs} loss {losses['loss']:.3f}",
-                )
-
-            best = train(cfg, out, on_step, log=lambda m: bar.console.print(m))
+            best = train(cfg, out, step_reporter(bar, mode, cfg.epochs), log=bar.console.print)
         if best:
             console.print(f"best val AR {best['ar']:.2f} -> {out / 'best'}")
 
@@ -153,19 +158,8 @@ def train_reranker_cmd(
     with user_errors():
         cfg = load_config(RerankTrainConfig, recipe)
         with progress_bar() as bar:
-            task = bar.add_task("train-reranker", total=None)
-
-            def on_step(epoch: int, step: int, steps: int, losses: dict[str, float]) -> None:
-                bar.update(
-                    task,
-                    total=steps,
-                    completed=step + 1,
-                    description=f"re-ranker epoch {epoch + 1}/{cfg.epochs} loss {losses['loss']:.3f}",
-                )
-
-            best = train_reranker(
-                cfg, out, on_step, log=lambda m: bar.console.print(m), val_k=val_k
-            )
+            on_step = step_reporter(bar, "re-ranker", cfg.epochs)
+            best = train_reranker(cfg, out, on_step, log=bar.console.print, val_k=val_k)
         if best:
             console.print(
                 f"best val AR re-ranking the top {val_k}: {best['ar']:.2f} -> {out / 'best'}"

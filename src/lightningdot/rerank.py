@@ -17,18 +17,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import BertModel
 
-from lightningdot.checkpoint import load_model, model_identity
+from lightningdot.checkpoint import (
+    FORMAT,
+    load_model,
+    load_state_into,
+    model_identity,
+    read_config_json,
+)
 from lightningdot.config import BertSize, RerankerConfig, from_dict, to_dict
 from lightningdot.encoders import BiEncoder, bert_config
 from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.features import RegionBatch
 from lightningdot.io import write_json, write_safetensors
 
-FORMAT = 1
 SHIPPED = {"default": "default-reranker"}  # re-ranker name -> folder under lightningdot/weights
 
 
@@ -188,18 +192,7 @@ def save_reranker(
 
 
 def read_reranker_meta(folder: Path) -> dict[str, Any]:
-    import json
-
-    path = folder / "config.json"
-    if not path.is_file():
-        raise DataError(f"not a re-ranker folder (no config.json): {folder}")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"damaged re-ranker config {path}: {e}") from e
-    if meta.get("format") != FORMAT or "reranker" not in meta:
-        raise DataError(f"{path} is not a lightningdot re-ranker config (format {FORMAT})")
-    return meta
+    return read_config_json(folder, "reranker", "re-ranker")
 
 
 def load_reranker(
@@ -229,34 +222,8 @@ def load_reranker(
             "`ldot train-reranker`"
         )
     reranker = Reranker(bi, cfg)
-    load_cross_state(reranker.cross, folder / "model.safetensors")
+    load_state_into(reranker.cross, folder / "model.safetensors")
     return reranker.eval()
-
-
-def load_cross_state(cross: CrossEncoder, weights: Path) -> None:
-    if not weights.is_file():
-        raise DataError(f"re-ranker weights not found: {weights}")
-    try:
-        with safe_open(weights, framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for damaged files
-        raise DataError(f"damaged re-ranker weights {weights}: {e}") from e
-    expected = cross.stored_state()
-    if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
-        raise ConfigMismatchError(f"{weights} does not fit the re-ranker config")
-    with torch.no_grad():
-        for name, param in cross.named_parameters():
-            if name in state:
-                param.copy_(state[name].to(param.dtype))
-
-
-def rerank_order(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """(Q, K) re-ranked scores of (Q, K) candidate ids -> the ids, best first.
-
-    A stable sort keeps the dot-product order among equal scores.
-    """
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    return candidates.gather(1, order)
 
 
 @torch.inference_mode()

@@ -272,13 +272,9 @@ class Retriever:
                 dot = torch.tensor([r.score for r in top])
                 results = reorder(top, reranker.rerank_images(q, regions, dot))
             answers.append(Answer(results[:k], dict(timing)))
-        t3 = time.perf_counter()
-        if reranker is not None:
-            for a in answers:
-                a.timing_ms["rerank"] = 1e3 * (t3 - t2) / len(answers)
-        for a in answers:
-            a.timing_ms["total"] = sum(a.timing_ms.values())
-        return answers
+        return _with_totals(
+            answers, 1e3 * (time.perf_counter() - t2) if reranker is not None else None
+        )
 
     def _regions(self, pils: list[Image.Image]) -> RegionBatch:
         pixels = torch.stack([self.backbone.preprocess(im.convert("RGB")) for im in pils])
@@ -322,13 +318,18 @@ class Retriever:
                 one = regions.select(slice(n, n + 1))
                 results = reorder(top, reranker.rerank_captions(one, [r.caption for r in top], dot))
             answers.append(Answer(results[:k], dict(timing)))
-        t3 = time.perf_counter()
-        if reranker is not None:
-            for a in answers:
-                a.timing_ms["rerank"] = 1e3 * (t3 - t2) / len(answers)
-        for a in answers:
-            a.timing_ms["total"] = sum(a.timing_ms.values())
-        return answers
+        return _with_totals(
+            answers, 1e3 * (time.perf_counter() - t2) if reranker is not None else None
+        )
+
+
+def _with_totals(answers: list[Answer], rerank_ms: float | None) -> list[Answer]:
+    """Add the re-rank stage (its time shared by the batch's queries) and each total."""
+    for a in answers:
+        if rerank_ms is not None:
+            a.timing_ms["rerank"] = rerank_ms / len(answers)
+        a.timing_ms["total"] = sum(a.timing_ms.values())
+    return answers
 
 
 def reorder(results: list[Result], scores: torch.Tensor) -> list[Result]:
