@@ -388,6 +388,7 @@ def search(
     import dataclasses
     import json
 
+    from rich.markup import escape
     from rich.table import Table
 
     from lightningdot.retrieval import Retriever
@@ -427,11 +428,13 @@ def search(
             stages = ", ".join(
                 f"{name} {ms:.1f} ms" for name, ms in a.timing_ms.items() if name != "total"
             )
-            table = Table(title=f"{q!r}  ({stages})", title_justify="left")
+            table = Table(title=escape(f"{q!r}  ({stages})"), title_justify="left")
             for col in ("rank", "score", "image", "caption"):
                 table.add_column(col)
             for rank, r in enumerate(a.results, 1):
-                table.add_row(str(rank), f"{r.score:.3f}", r.path or "", r.caption or "")
+                table.add_row(
+                    str(rank), f"{r.score:.3f}", escape(r.path or ""), escape(r.caption or "")
+                )
             out.print(table)
 
 
@@ -497,6 +500,7 @@ def demo(
     k: Annotated[int, typer.Option(help="Results per query.")] = 3,
 ) -> None:
     """Index sample photos (from scikit-image) and show ranked results for a few queries."""
+    from rich.markup import escape
     from rich.table import Table
 
     from lightningdot.demo import run_demo
@@ -507,10 +511,8 @@ def demo(
         out = Console()
         out.print(f"indexed {info['images']} photos in {info['index_s']:.2f} s")
         for r in results:
-            table = Table(
-                title=f"{r.query!r}  (encode {r.encode_ms:.1f} ms, search {r.search_ms:.2f} ms)",
-                title_justify="left",
-            )
+            title = f"{r.query!r}  (encode {r.encode_ms:.1f} ms, search {r.search_ms:.2f} ms)"
+            table = Table(title=escape(title), title_justify="left")
             table.add_column("rank", justify="right")
             table.add_column("result")
             table.add_column("score", justify="right")
