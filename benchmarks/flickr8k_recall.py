@@ -2,7 +2,8 @@
 
 Rows:
   * linear probe: frozen mean-pooled EfficientNet-Lite2 regions and frozen mean-pooled MiniLM,
-    a linear head each, InfoNCE (trained here, in the same run);
+    a linear head each, InfoNCE (trained here, in the same run; like every trained row, the
+    epoch with the best val AR is reported);
   * LightningDOT, CMR fine-tuning alone (recipes/finetune-cmr.toml);
   * LightningDOT, VMLM + SMRM + CMR pre-training then CMR fine-tuning
     (recipes/pretrain.toml, then recipes/finetune-after-pretrain.toml);
@@ -81,7 +82,12 @@ def main() -> None:
     evaluator = RetrievalEvaluator(val, lambda: store_batches(store, val.keys()))
     rows, stats = [], []
     probe = run_probe(annotations, args.features)
-    rows.append(["linear probe (frozen mean-pooled features, linear heads)", *fmt(probe)])
+    rows.append(
+        [
+            f"linear probe (frozen mean-pooled features, linear heads; val-best epoch {probe['epoch']} of 10)",
+            *fmt(probe),
+        ]
+    )
     print("probe", json.dumps(probe), flush=True)
 
     for name, recipe, label in STAGES:
