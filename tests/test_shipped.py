@@ -1,0 +1,44 @@
+"""The shipped default model and re-ranker: compact, loadable, and the demo runs with them."""
+
+import torch
+from safetensors import safe_open
+
+from lightningdot.checkpoint import load_model, read_model_config, shipped_model_dir
+from lightningdot.demo import run_demo
+from lightningdot.rerank import load_reranker, read_reranker_meta, shipped_reranker_dir
+
+BUDGET_BYTES = 80 * 10**6  # all shipped weights of the project together
+
+
+def test_shipped_weights_are_half_precision_and_within_budget():
+    weights_root = shipped_model_dir("default").parent
+    files = list(weights_root.glob("*/model.safetensors"))
+    assert len(files) >= 2, "the default model and its re-ranker ship in the package"
+    assert sum(f.stat().st_size for f in files) <= BUDGET_BYTES
+    for f in files:
+        with safe_open(f, "pt") as st:
+            assert all(str(st.get_slice(k).get_dtype()) in ("F16", "BF16") for k in st.keys())
+    cfg, meta = read_model_config(shipped_model_dir("default"))
+    assert cfg.text.pretrained == "all-minilm-l6-v2"  # frozen parts come from the package
+    assert "val" in meta  # the figures it was chosen on travel with it
+    assert "val" in read_reranker_meta(shipped_reranker_dir("default"))
+
+
+def test_default_model_and_reranker_load_and_agree():
+    model = load_model()  # no name: the default
+    with torch.inference_mode():
+        t = model.encode_text(["a dog runs on the grass", "a plate of food on a table"])
+    assert torch.allclose(t.norm(dim=-1), torch.ones(2), atol=1e-4)
+    reranker = load_reranker("default", bi=model)  # refuses a bi-encoder it was not trained on
+    assert reranker.bi is model
+
+
+def test_demo_ranks_the_obvious_photos_first():
+    results, info = run_demo(k=3)
+    assert info["images"] >= 10
+    by_query = {r.query: r for r in results}
+    assert by_query["a brown horse standing in a field"].hits[0].name == "horse.png"
+    assert by_query["a motorcycle parked indoors"].hits[0].name == "motorcycle_left.png"
+    image = results[-1]
+    assert image.query == "[image] motorcycle_left.png"
+    assert image.hits[0].name == "caption: a motorcycle parked indoors"
