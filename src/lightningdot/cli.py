@@ -484,7 +484,7 @@ def export(
                     f"{out} holds a model with val AR {old_ar:.2f}, this one has "
                     f"{'none recorded' if new_ar is None else f'{new_ar:.2f}'}; use --force to replace it"
                 )
-        extra = {k: meta[k] for k in ("val", "epoch", "train") if k in meta}
+        extra = {k: meta[k] for k in ("val", "val_rerank_k", "epoch", "train") if k in meta}
         if "reranker" in meta:
             rr = load_reranker(model)
             save_reranker(out, rr, meta["bi_encoder"], dtypes[dtype], extra)

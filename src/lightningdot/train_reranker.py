@@ -143,9 +143,13 @@ def train_reranker(
             if metrics["ar"] > best["ar"]:
                 best = metrics
                 with atomic_dir(out / "best") as tmp:
-                    save_reranker(tmp, reranker, cfg.bi_encoder, extra=meta(cfg, epoch, metrics))
+                    save_reranker(
+                        tmp, reranker, cfg.bi_encoder, extra=meta(cfg, epoch, metrics, val_k)
+                    )
         with atomic_dir(out / "last") as tmp:
-            save_reranker(tmp, reranker, cfg.bi_encoder, extra=meta(cfg, epoch, record.get("val")))
+            save_reranker(
+                tmp, reranker, cfg.bi_encoder, extra=meta(cfg, epoch, record.get("val"), val_k)
+            )
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -153,5 +157,6 @@ def train_reranker(
     return best if val is not None else {}
 
 
-def meta(cfg: RerankTrainConfig, epoch: int, val: dict | None) -> dict:
-    return {"train": to_dict(cfg), "epoch": epoch + 1, **({"val": val} if val else {})}
+def meta(cfg: RerankTrainConfig, epoch: int, val: dict | None, val_k: int) -> dict:
+    extra = {"val": val, "val_rerank_k": val_k} if val else {}
+    return {"train": to_dict(cfg), "epoch": epoch + 1, **extra}
