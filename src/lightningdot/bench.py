@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lightningdot.data import Corpus
-from lightningdot.evaluate import encode_region_batches, recall_metrics
+from lightningdot.evaluate import encode_region_batches, encode_texts, recall_metrics
 from lightningdot.features import RegionBatch
 from lightningdot.index import VectorIndex
 from lightningdot.rerank import Reranker, evaluate_reranked
@@ -84,7 +84,7 @@ def run_bench(
         # The baseline has no index: the cross-attention model scores every image.
         cross = reranker.cross_scores(
             tuple(x.expand(len(every), *x.shape[1:]) for x in reranker.text_states([q])),
-            reranker.image_states(regions.select(every)),
+            reranker.image_states(regions),
         )
         return every[torch.argsort(cross, descending=True)[:10]]
 
@@ -106,8 +106,6 @@ def run_bench(
         rerank_k=k,
     )
     if with_recall:
-        from lightningdot.evaluate import encode_texts
-
         text = encode_texts(bi, corpus.captions)
         report.recall["dot"] = recall_metrics(text, torch.from_numpy(vectors), corpus.caption_image)
         report.recall["dot_rerank"] = evaluate_reranked(

@@ -241,15 +241,13 @@ class Retriever:
             raise DataError("re-ranking needs a re-ranker: open the index with one")
         return self.reranker if rerank else None
 
-    def candidate_regions(self, ids: list[str]) -> RegionBatch:
+    def candidate_regions(self, results: list[Result]) -> RegionBatch:
         """Regions of indexed images, from the feature store when it has them, else from files."""
+        ids = [r.id for r in results]
         if self.features is not None and all(i in self.features for i in ids):
             return self.features.batch(ids, soft_labels=False)
-        by_id = {it["id"]: it for it in self.images.items}
         root = self.images_root or Path(".")
-        paths = [root / (by_id[i].get("path") or i) for i in ids]
-        pixels = torch.stack([self.backbone.preprocess(load_image(p)) for p in paths])
-        return collate_regions(self.backbone(pixels))
+        return self._regions([root / (r.path or r.id) for r in results])
 
     @torch.inference_mode()
     def search_text(self, queries: list[str], k: int = 10, rerank: int = 0) -> list[Answer]:
@@ -268,7 +266,7 @@ class Retriever:
             results = self._results(self.images, s, i)
             if reranker is not None:
                 top = results[:rerank]
-                regions = self.candidate_regions([r.id for r in top])
+                regions = self.candidate_regions(top)
                 dot = torch.tensor([r.score for r in top])
                 results = reorder(top, reranker.rerank_images(q, regions, dot))
             answers.append(Answer(results[:k], dict(timing)))
@@ -276,14 +274,15 @@ class Retriever:
             answers, 1e3 * (time.perf_counter() - t2) if reranker is not None else None
         )
 
-    def _regions(self, pils: list[Image.Image]) -> RegionBatch:
+    def _regions(self, images: list[str | os.PathLike[str] | Image.Image]) -> RegionBatch:
+        """Image files or PIL images -> their regions, through the model's backbone."""
+        pils = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
         pixels = torch.stack([self.backbone.preprocess(im.convert("RGB")) for im in pils])
         return collate_regions(self.backbone(pixels))
 
     @torch.inference_mode()
     def encode_images(self, images: list[str | os.PathLike[str] | Image.Image]) -> torch.Tensor:
-        pils = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
-        return self.model.encode_image(self._regions(pils))
+        return self.model.encode_image(self._regions(images))
 
     @torch.inference_mode()
     def search_image(
@@ -302,8 +301,7 @@ class Retriever:
             raise DataError("re-ranking scores image-text pairs; it applies to caption results")
         reranker = self._need_reranker(rerank)
         t0 = time.perf_counter()
-        pils = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
-        regions = self._regions(pils)
+        regions = self._regions(images)
         vecs = self.model.encode_image(regions).numpy()
         t1 = time.perf_counter()
         scores, ids = index.search(vecs, max(k, rerank))

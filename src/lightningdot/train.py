@@ -239,10 +239,7 @@ def mine_hard_negatives(
             for s in range(0, len(caption_of), batch)
         ]
     )
-    n = len(data.corpus.images)
-    images = torch.cat(
-        [model.encode_image(data.regions.select(slice(s, s + batch))) for s in range(0, n, batch)]
-    )
+    images = torch.cat([model.encode_image(chunk) for chunk in data.regions.chunks(batch)])
     scores = texts @ images.T
     scores.fill_diagonal_(float("-inf"))
     model.train(was)
