@@ -106,3 +106,24 @@ def store_dir(corpus_dir: Path) -> Path:
 def _seed() -> None:
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture
+def index_dir(corpus_dir: Path, tmp_path: Path) -> Path:
+    """An index of the 8 train images and their captions, made by a tiny model, with a
+    re-ranker for that model saved beside it as `rr/`."""
+    from lightningdot.checkpoint import save_model
+    from lightningdot.config import RerankerConfig
+    from lightningdot.data import read_karpathy
+    from lightningdot.encoders import BiEncoder
+    from lightningdot.rerank import Reranker, save_reranker
+    from lightningdot.retrieval import build_index
+
+    model = BiEncoder(tiny_model_config())
+    model.init_pretrained()
+    save_model(tmp_path / "model", model.eval())
+    torch.manual_seed(5)
+    save_reranker(tmp_path / "rr", Reranker(model, RerankerConfig()), str(tmp_path / "model"))
+    corpus = read_karpathy(corpus_dir / "captions.json", "train")
+    build_index(model, str(tmp_path / "model"), corpus, corpus_dir / "images", tmp_path / "ix")
+    return tmp_path / "ix"

@@ -495,6 +495,60 @@ def export(
 
 
 @app.command()
+def serve(
+    index_dir: Annotated[Path, typer.Argument(help="Index folder from `ldot index`.")],
+    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 for every interface).")] = (
+        "127.0.0.1"
+    ),
+    port: int = 8000,
+    model: Annotated[
+        str | None, typer.Option(help="Model (default: the one that built the index).")
+    ] = None,
+    reranker: Annotated[
+        str,
+        typer.Option(
+            help='Re-ranker name or folder; "auto": the shipped one when it fits the model, '
+            '"none": no re-ranking.'
+        ),
+    ] = "auto",
+    max_upload_mb: Annotated[float, typer.Option(help="Largest upload per request.")] = 10.0,
+    max_batch: Annotated[int, typer.Option(help="Text queries encoded together at most.")] = 32,
+    access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
+) -> None:
+    """Serve an index over HTTP: a JSON API and a search page at http://HOST:PORT/."""
+    try:
+        import uvicorn
+
+        from lightningdot.serve import create_app
+    except ImportError as e:
+        console.print(f"[bold red]error:[/] {e.name} is missing: pip install 'lightningdot[serve]'")
+        raise typer.Exit(2) from None
+    from lightningdot.config import ServeConfig
+    from lightningdot.errors import ConfigMismatchError
+    from lightningdot.retrieval import Retriever
+
+    with user_errors():
+        cfg = ServeConfig(max_upload_mb=max_upload_mb, max_batch=max_batch)
+        if reranker == "auto":
+            try:
+                retriever = Retriever.open(index_dir, model, reranker="default")
+            except ConfigMismatchError:
+                console.print("the shipped re-ranker does not fit this model: serving without one")
+                retriever = Retriever.open(index_dir, model)
+        else:
+            retriever = Retriever.open(
+                index_dir, model, reranker=None if reranker == "none" else reranker
+            )
+        app_ = create_app(retriever, cfg)
+    console.print(
+        f"serving {len(retriever.images)} images from {index_dir} on http://{host}:{port}/"
+        + ("" if retriever.reranker else " (no re-ranker)")
+    )
+    level = "info" if access_log else "warning"  # uvicorn logs requests at info
+    uvicorn.run(app_, host=host, port=port, access_log=access_log, log_level=level)
+
+
+@app.command()
 def demo(
     model: Annotated[str, typer.Option(help="Shipped model name or model folder.")] = "default",
     k: Annotated[int, typer.Option(help="Results per query.")] = 3,

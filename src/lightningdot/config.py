@@ -187,6 +187,29 @@ class RerankTrainConfig:
             raise ValueError("need 1 <= negatives <= mine_from")
 
 
+@dataclass
+class ServeConfig:
+    """Limits of the HTTP service (`ldot serve`); requests beyond them get a 4xx."""
+
+    max_k: int = 100  # results per query
+    max_rerank: int = 64  # candidates the cross-attention model may re-score per query
+    max_query_chars: int = 1000
+    max_upload_mb: float = 10.0  # per request, all files together
+    max_files: int = 32  # images per POST /images
+    # Text queries that arrive while the model is busy are encoded together, up to this many.
+    max_batch: int = 32
+
+    def __post_init__(self) -> None:
+        if min(self.max_k, self.max_query_chars, self.max_files, self.max_batch) < 1:
+            raise ValueError("max_k, max_query_chars, max_files and max_batch must be >= 1")
+        if self.max_rerank < 0 or self.max_upload_mb <= 0:
+            raise ValueError("need max_rerank >= 0 and max_upload_mb > 0")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return asdict(cfg)
 

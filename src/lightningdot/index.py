@@ -53,6 +53,7 @@ class VectorIndex:
         if index.ntotal != len(items):
             raise DataError(f"index holds {index.ntotal} vectors but {len(items)} items")
         self.index, self.items, self.model_id, self.cfg = index, items, model_id, cfg
+        self._rows: dict[str, int] | None = None  # id -> row, built on first lookup
         self._apply_search_params()
 
     @classmethod
@@ -89,6 +90,18 @@ class VectorIndex:
             raise ValueError(f"{len(x)} vectors for {len(items)} items")
         self.index.add(x)
         self.items.extend(items)
+        self._rows = None
+
+    def copy(self) -> VectorIndex:
+        """An independent in-memory copy (of a memory-mapped index too), to grow while the
+        original keeps answering searches."""
+        return VectorIndex(faiss.clone_index(self.index), list(self.items), self.model_id, self.cfg)
+
+    def row(self, item_id: str) -> int | None:
+        """The row of the item with this id, or None."""
+        if self._rows is None:
+            self._rows = {it["id"]: i for i, it in enumerate(self.items)}
+        return self._rows.get(item_id)
 
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(Q, D) queries -> (Q, k') scores and row ids, best first; k' = min(k, len(self))."""

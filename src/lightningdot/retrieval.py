@@ -11,8 +11,10 @@ has captions), each a `VectorIndex`, plus `retriever.json` naming the model that
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,7 +37,7 @@ from lightningdot.features import (
     load_image,
 )
 from lightningdot.index import IndexConfig, VectorIndex, recall_against_exact
-from lightningdot.io import write_json
+from lightningdot.io import atomic_path, write_json
 from lightningdot.rerank import Reranker, load_reranker
 
 
@@ -152,17 +154,11 @@ def add_to_index(
     if not fresh.images:
         return 0
     vectors = _encode_collection(retriever.model, fresh, images, features, on_progress).numpy()
-    retriever.images.add(vectors, _items(fresh))
-    retriever.images.save(retriever.folder / "images")
+    captions = None
     if fresh.captions:
         text = encode_texts(retriever.model, fresh.captions).numpy()
-        if retriever.captions is None:
-            retriever.captions = VectorIndex.build(
-                text, _caption_items(fresh), retriever.images.model_id, retriever.images.cfg
-            )
-        else:
-            retriever.captions.add(text, _caption_items(fresh))
-        retriever.captions.save(retriever.folder / "captions")
+        captions = (text, _caption_items(fresh))
+    retriever.append(vectors, _items(fresh), captions)
     return len(fresh.images)
 
 
@@ -186,6 +182,7 @@ class Retriever:
         self.model, self.images, self.captions, self.folder = model, images, captions, folder
         self.reranker, self.images_root, self.features = reranker, images_root, features
         self._backbone = None
+        self._add_lock = threading.Lock()
 
     @classmethod
     def open(
@@ -224,6 +221,47 @@ class Retriever:
             self._backbone = create_backbone(self.model.cfg.backbone)
         return self._backbone
 
+    def append(
+        self,
+        vectors: np.ndarray,
+        items: list[dict],
+        captions: tuple[np.ndarray, list[dict]] | None = None,
+    ) -> None:
+        """Add image rows (and caption rows), saved to the index folder before they go live.
+
+        The live indexes are copied, grown, saved and then swapped in, so a search running
+        meanwhile sees the old index or the new one, never a half-added state, and a failed save
+        changes nothing in memory. Concurrent adds wait for each other. The copy makes an add
+        cost O(index size): cheap at 10K-100K images, a rebuild's worth at 1M.
+        """
+        with self._add_lock:
+            taken = [it["id"] for it in items if self.images.row(it["id"]) is not None]
+            if taken or len({it["id"] for it in items}) != len(items):
+                raise DataError(f"image id(s) already in the index or repeated: {taken[:3]}")
+            images = self.images.copy()
+            images.add(vectors, items)
+            grown_captions = self.captions
+            if captions is not None:
+                text, caption_items = captions
+                if self.captions is None:
+                    grown_captions = VectorIndex.build(
+                        text, caption_items, images.model_id, images.cfg
+                    )
+                else:
+                    grown_captions = self.captions.copy()
+                    grown_captions.add(text, caption_items)
+                # Each folder is replaced atomically, but not the two together: saving captions
+                # first means a crash in between never leaves an indexed image uncaptioned.
+                grown_captions.save(self.folder / "captions")
+            images.save(self.folder / "images")
+            self.images, self.captions = images, grown_captions
+
+    def add_images(self, images: list[Image.Image], items: list[dict]) -> None:
+        """Encode decoded images and append them with their items (`id`, `path`, ...)."""
+        if len(images) != len(items):
+            raise ValueError(f"{len(images)} images for {len(items)} items")
+        self.append(self.encode_images(images).numpy(), items)
+
     def _results(self, index: VectorIndex, scores: np.ndarray, ids: np.ndarray) -> list[Result]:
         out = []
         for s, i in zip(scores.tolist(), ids.tolist(), strict=True):
@@ -246,8 +284,12 @@ class Retriever:
         ids = [r.id for r in results]
         if self.features is not None and all(i in self.features for i in ids):
             return self.features.batch(ids, soft_labels=False)
-        root = self.images_root or Path(".")
-        return self._regions([root / (r.path or r.id) for r in results])
+        return self._regions([self.image_file(r.path or r.id) for r in results])
+
+    def image_file(self, path: str) -> Path:
+        """The file of an indexed image, from its item's `path` (relative to the collection's
+        folder, or absolute for uploads)."""
+        return (self.images_root or Path(".")) / path
 
     @torch.inference_mode()
     def search_text(self, queries: list[str], k: int = 10, rerank: int = 0) -> list[Answer]:
@@ -294,31 +336,101 @@ class Retriever:
     ) -> list[Answer]:
         """Image -> captions (target="captions") or image -> similar images (target="images");
         `rerank=K` re-scores the top K captions first."""
-        index = self.captions if target == "captions" else self.images
-        if index is None:
-            raise DataError(f"{self.folder} has no caption index (it was built without captions)")
-        if rerank and target != "captions":
+        return self.search_image_all(images, k, rerank, targets=(target,))[target]
+
+    @torch.inference_mode()
+    def search_image_all(
+        self,
+        images: list[str | os.PathLike[str] | Image.Image],
+        k: int = 10,
+        rerank: int = 0,
+        targets: tuple[str, ...] = ("captions", "images"),
+    ) -> dict[str, list[Answer]]:
+        """Image queries against several indexes ("captions", "images"), encoding each image
+        once; `rerank=K` re-scores the top K captions. Each answer's `encode` is that shared time.
+        """
+        indexes = {"captions": self.captions, "images": self.images}
+        for t in targets:
+            if t not in indexes:
+                raise DataError(f"unknown search target {t!r}: use 'captions' or 'images'")
+            if indexes[t] is None:
+                raise DataError(f"{self.folder} has no caption index (built without captions)")
+        if rerank and "captions" not in targets:
             raise DataError("re-ranking scores image-text pairs; it applies to caption results")
         reranker = self._need_reranker(rerank)
         t0 = time.perf_counter()
         regions = self._regions(images)
         vecs = self.model.encode_image(regions).numpy()
-        t1 = time.perf_counter()
-        scores, ids = index.search(vecs, max(k, rerank))
-        t2 = time.perf_counter()
-        timing = {"encode": 1e3 * (t1 - t0), "search": 1e3 * (t2 - t1)}
-        answers = []
-        for n, (s, i) in enumerate(zip(scores, ids, strict=True)):
-            results = self._results(index, s, i)
-            if reranker is not None:
-                top = results[:rerank]
-                dot = torch.tensor([r.score for r in top])
-                one = regions.select(slice(n, n + 1))
-                results = reorder(top, reranker.rerank_captions(one, [r.caption for r in top], dot))
-            answers.append(Answer(results[:k], dict(timing)))
-        return _with_totals(
-            answers, 1e3 * (time.perf_counter() - t2) if reranker is not None else None
-        )
+        encode_ms = 1e3 * (time.perf_counter() - t0)
+        out = {}
+        for t in targets:
+            index, depth = indexes[t], rerank if t == "captions" else 0
+            t1 = time.perf_counter()
+            scores, ids = index.search(vecs, max(k, depth))
+            t2 = time.perf_counter()
+            timing = {"encode": encode_ms, "search": 1e3 * (t2 - t1)}
+            answers = []
+            for n, (s, i) in enumerate(zip(scores, ids, strict=True)):
+                results = self._results(index, s, i)
+                if depth:
+                    top = results[:depth]
+                    dot = torch.tensor([r.score for r in top])
+                    one = regions.select(slice(n, n + 1))
+                    captions = [r.caption for r in top]
+                    results = reorder(top, reranker.rerank_captions(one, captions, dot))
+                answers.append(Answer(results[:k], dict(timing)))
+            rerank_ms = 1e3 * (time.perf_counter() - t2) if depth else None
+            out[t] = _with_totals(answers, rerank_ms)
+        return out
+
+    def add_uploads(self, uploads: list[tuple[str, bytes]]) -> list[tuple[str, bool]]:
+        """Index uploaded image files, all or none: `(filename, bytes)` -> `(id, added)` each.
+
+        Each image is stored under `<index>/uploads/`, named by a hash of its bytes, which is
+        also its id; an image already indexed is not added twice (`added` False). Nothing is
+        written before every upload has decoded, and the stored files go again if indexing fails.
+
+        Raises:
+            DataError: an upload does not decode as an image (named in the message).
+        """
+        decoded = []
+        for name, data in uploads:
+            try:
+                decoded.append(load_image(data))
+            except DataError as e:
+                raise DataError(f"{name}: not an image file this server can decode") from e
+        keys = [upload_id(name, data) for name, data in uploads]
+        fresh = {}  # id -> position of its first upload, in upload order
+        for n, key in enumerate(keys):
+            if self.images.row(key) is None and key not in fresh:
+                fresh[key] = n
+        folder = self.folder / "uploads"
+        written = []
+        try:
+            for key, n in fresh.items():
+                with atomic_path(folder / key) as tmp:
+                    tmp.write_bytes(uploads[n][1])
+                written.append(folder / key)
+            items = [
+                {"id": key, "path": str((folder / key).resolve()), "filename": uploads[n][0]}
+                for key, n in fresh.items()
+            ]
+            if items:
+                self.add_images([decoded[n] for n in fresh.values()], items)
+        except BaseException:
+            for f in written:
+                f.unlink(missing_ok=True)
+            raise
+        return [(key, key in fresh and fresh[key] == n) for n, key in enumerate(keys)]
+
+
+def upload_id(filename: str, data: bytes) -> str:
+    """The id (and stored file name) of an uploaded image: a hash of its bytes, plus the
+    extension of its file name when that looks like one."""
+    suffix = Path(filename).suffix.lower()
+    if not (2 <= len(suffix) <= 6 and suffix[1:].isalnum()):
+        suffix = ""
+    return f"upload-{hashlib.sha256(data).hexdigest()[:20]}{suffix}"
 
 
 def _with_totals(answers: list[Answer], rerank_ms: float | None) -> list[Answer]:

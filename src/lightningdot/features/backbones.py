@@ -8,6 +8,7 @@ LightningDOT takes from Faster R-CNN.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -21,17 +22,21 @@ from lightningdot.errors import DataError
 from lightningdot.features.regions import RegionFeatures, grid_boxes
 
 
-def load_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open an image as RGB, whatever its mode (palette, grey, RGBA, CMYK, 16-bit) or EXIF turn.
+def load_image(source: str | os.PathLike[str] | bytes) -> Image.Image:
+    """Open an image (a file, or the bytes of one) as RGB, whatever its mode (palette, grey,
+    RGBA, CMYK, 16-bit) or EXIF turn.
 
     Raises:
         DataError: the file is missing or does not decode as an image.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"image not found: {path}")
+    if isinstance(source, bytes):
+        path, opened = "(uploaded bytes)", io.BytesIO(source)
+    else:
+        path = opened = Path(source)
+        if not path.is_file():
+            raise DataError(f"image not found: {path}")
     try:
-        with Image.open(path) as im:
+        with Image.open(opened) as im:
             im = ImageOps.exif_transpose(im)
             if im.mode == "RGBA" or (im.mode == "P" and "transparency" in im.info):
                 # Paste on white so transparent pixels do not turn into arbitrary colours.
