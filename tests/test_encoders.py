@@ -81,3 +81,13 @@ def test_image_transformer_starts_from_text_layers():
     a = m.image.bert.encoder.layer[0].state_dict()
     b = m.text.bert.encoder.layer[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prefix_is_put_before_every_text():
+    from dataclasses import replace
+
+    cfg = tiny_model_config()
+    model = BiEncoder(replace(cfg, text=replace(cfg.text, prefix="query: ")))
+    got = model.tokenize(["a red picture"])["input_ids"][0].tolist()
+    want = model.tokenizer("query: a red picture")["input_ids"]
+    assert got == want

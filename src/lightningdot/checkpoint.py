@@ -23,7 +23,7 @@ from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.io import write_json, write_safetensors
 
 FORMAT = 1
-SHIPPED = ("default",)
+SHIPPED = ("default", "multilingual")
 
 
 def shipped_model_dir(name: str) -> Path:
@@ -112,6 +112,12 @@ def model_identity(model: BiEncoder) -> str:
         h.update(name.encode())
         h.update(tensor.detach().to(torch.float16).cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+def index_identity(model: BiEncoder) -> str:
+    """The identity an index records and checks: the model's own, or that of the model whose
+    embedding space and image encoder it shares (`ModelConfig.shares_index_with`)."""
+    return model.cfg.shares_index_with or model_identity(model)
 
 
 def load_model(name_or_path: str | os.PathLike[str] | None = "default") -> BiEncoder:

@@ -145,6 +145,25 @@ def finetune(
     _train(recipe, out, "finetune")
 
 
+@app.command()
+def align(
+    recipe: Annotated[Path, typer.Argument(help="TOML recipe (see recipes/multilingual.toml).")],
+    out: Annotated[Path, typer.Option(help="Run folder: best/, last/, log.jsonl.")],
+) -> None:
+    """Train a text encoder (e.g. multilingual) into an existing model's embedding space,
+    keeping its image encoder, so the indexes that model built serve the new one."""
+    from lightningdot.align import align as run_align
+    from lightningdot.config import AlignConfig, load_config
+
+    with user_errors():
+        cfg = load_config(AlignConfig, recipe)
+        with progress_bar() as bar:
+            best = run_align(cfg, out, step_reporter(bar, "align", cfg.epochs), bar.console.print)
+        if best:
+            per = ", ".join(f"{k} {m['ar']:.2f}" for k, m in best["languages"].items())
+            console.print(f"best mean val AR {best['ar']:.2f} ({per}) -> {out / 'best'}")
+
+
 @app.command("train-reranker")
 def train_reranker_cmd(
     recipe: Annotated[Path, typer.Argument(help="Re-ranker recipe (.toml).")],
@@ -484,7 +503,9 @@ def export(
                     f"{out} holds a model with val AR {old_ar:.2f}, this one has "
                     f"{'none recorded' if new_ar is None else f'{new_ar:.2f}'}; use --force to replace it"
                 )
-        extra = {k: meta[k] for k in ("val", "val_rerank_k", "epoch", "train") if k in meta}
+        extra = {
+            k: meta[k] for k in ("val", "val_rerank_k", "epoch", "train", "align") if k in meta
+        }
         if "reranker" in meta:
             rr = load_reranker(model)
             save_reranker(out, rr, meta["bi_encoder"], dtypes[dtype], extra)

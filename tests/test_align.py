@@ -1,0 +1,111 @@
+"""`ldot align`: a student text encoder trained into a teacher's space, sharing its indexes."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_model_config
+
+from lightningdot.align import align, align_losses
+from lightningdot.checkpoint import index_identity, load_model, model_identity, save_model
+from lightningdot.config import AlignConfig, BertSize, TextConfig
+from lightningdot.data import read_karpathy
+from lightningdot.encoders import BiEncoder
+from lightningdot.features import FeatureStore
+from lightningdot.retrieval import Retriever, build_index
+
+
+def test_align_losses_by_hand():
+    e = torch.eye(2)
+    student = [e, torch.tensor([[0.0, 1.0], [1.0, 0.0]])]
+    images = e
+    teacher = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    out = align_losses(student, images, torch.tensor(0.0), teacher, ["en", "zh"])
+    # en: each caption's own image scores 1, the other 0: -log(e / (e + 1)) both ways.
+    want_en = -math.log(math.e / (math.e + 1))
+    # zh: captions swapped, each scores its own image 0 and the other 1.
+    want_zh = -math.log(1 / (math.e + 1))
+    assert out["cmr_en"] == pytest.approx(float(want_en), abs=1e-6)
+    assert out["cmr_zh"] == pytest.approx(float(want_zh), abs=1e-6)
+    # distill: row 0 equal, row 1 (0, 1) vs (0.6, 0.8): 0.36 + 0.04 = 0.4; mean 0.2.
+    assert out["distill"] == pytest.approx(0.2, abs=1e-6)
+
+
+@pytest.fixture
+def teacher_dir(tmp_path):
+    m = BiEncoder(tiny_model_config())
+    m.init_pretrained()
+    save_model(tmp_path / "teacher", m.eval())
+    return tmp_path / "teacher"
+
+
+def translated(corpus_dir, tmp_path):
+    """The tiny corpus with its captions in 'another language' (reversed words)."""
+    data = json.loads((corpus_dir / "captions.json").read_text())
+    for im in data["images"]:
+        for s in im["sentences"]:
+            s["raw"] = " ".join(reversed(s["raw"].split()))
+    path = tmp_path / "captions_xx.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_align_keeps_the_teachers_image_side_and_its_indexes(
+    corpus_dir, store_dir, teacher_dir, tmp_path
+):
+    size = BertSize(
+        hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64, vocab_size=30522
+    )
+    cfg = AlignConfig(
+        teacher=str(teacher_dir),
+        text=TextConfig(
+            pretrained=None, size=size, trainable_layers=3, max_length=16, prefix="q: "
+        ),
+        annotations=[str(corpus_dir / "captions.json"), str(translated(corpus_dir, tmp_path))],
+        features=str(store_dir),
+        epochs=2,
+        batch_size=4,
+    )
+    best = align(cfg, tmp_path / "run", log=lambda _: None)
+    assert set(best["languages"]) == {"captions", "captions_xx"}
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and {"cmr_captions", "cmr_captions_xx", "distill"} <= set(log[0]["loss"])
+
+    teacher, student = load_model(teacher_dir), load_model(tmp_path / "run" / "best")
+    for (name, a), (_, b) in zip(
+        teacher.image.state_dict().items(), student.image.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert index_identity(student) == model_identity(teacher) != model_identity(student)
+
+    # An index the teacher built opens with the student, and answers as the student encodes.
+    corpus = read_karpathy(corpus_dir / "captions.json")
+    build_index(
+        teacher,
+        str(teacher_dir),
+        corpus,
+        corpus_dir / "images",
+        tmp_path / "ix",
+        features=FeatureStore(store_dir),
+    )
+    r = Retriever.open(tmp_path / "ix", model=str(tmp_path / "run" / "best"))
+    (answer,) = r.search_text(["picture red a"], k=3)
+    with torch.no_grad():
+        q = student.encode_text(["picture red a"])
+        images = teacher.encode_image(FeatureStore(store_dir).batch(corpus.keys()))
+    want = torch.topk((q @ images.T)[0], 3).indices.tolist()
+    assert [x.id for x in answer.results] == [corpus.keys()[i] for i in want]
+
+
+def test_a_student_that_cannot_hold_the_image_encoder_is_refused(teacher_dir, corpus_dir):
+    from lightningdot.align import student_config
+    from lightningdot.errors import ConfigMismatchError
+
+    size = BertSize(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=48)
+    cfg = AlignConfig(
+        text=TextConfig(pretrained=None, size=size, trainable_layers=1),
+        annotations=[str(corpus_dir / "x.json")],
+    )
+    with pytest.raises(ConfigMismatchError, match="intermediate_size 64"):
+        student_config(cfg, load_model(teacher_dir))
