@@ -534,6 +534,9 @@ def serve(
     ] = "auto",
     max_upload_mb: Annotated[float, typer.Option(help="Largest upload per request.")] = 10.0,
     max_batch: Annotated[int, typer.Option(help="Text queries encoded together at most.")] = 32,
+    threads: Annotated[
+        int, typer.Option(help="Threads for the model's arithmetic (0: torch's default).")
+    ] = 0,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
 ) -> None:
     """Serve an index over HTTP: a JSON API and a search page at http://HOST:PORT/."""
@@ -549,6 +552,10 @@ def serve(
     from lightningdot.retrieval import Retriever
 
     with user_errors():
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         cfg = ServeConfig(max_upload_mb=max_upload_mb, max_batch=max_batch)
         if reranker == "auto":
             try:
