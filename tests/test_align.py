@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_model_config
 
-from lightningdot.align import align, align_losses
+from lightningdot.align import align, align_losses, centroids, total
 from lightningdot.checkpoint import index_identity, load_model, model_identity, save_model
 from lightningdot.config import AlignConfig, BertSize, TextConfig
 from lightningdot.data import read_karpathy
@@ -30,6 +30,22 @@ def test_align_losses_by_hand():
     assert out["cmr_zh"] == pytest.approx(float(want_zh), abs=1e-6)
     # distill: row 0 equal, row 1 (0, 1) vs (0.6, 0.8): 0.36 + 0.04 = 0.4; mean 0.2.
     assert out["distill"] == pytest.approx(0.2, abs=1e-6)
+    assert "distill_zh" not in out
+    # zh captions (0, 1), (1, 0) against centroids e: 2 + 2 over 2 rows.
+    out = align_losses(student, images, torch.tensor(0.0), teacher, ["en", "zh"], e)
+    assert out["distill_zh"] == pytest.approx(2.0, abs=1e-6)
+    assert total(out, 1.0, 0.5) == pytest.approx(
+        (float(want_en) + float(want_zh)) / 2 + 0.2 + 0.5 * 2.0, abs=1e-5
+    )
+
+
+def test_centroids_are_unit_means_per_image():
+    from lightningdot.data import Corpus, ImageRecord
+
+    corpus = Corpus([ImageRecord("a", ["x", "y"]), ImageRecord("b", ["z"])])
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 2.0]])
+    got = centroids(text, corpus)
+    assert torch.allclose(got, torch.tensor([[0.5**0.5, 0.5**0.5], [0.0, 1.0]]))
 
 
 @pytest.fixture
@@ -66,11 +82,15 @@ def test_align_keeps_the_teachers_image_side_and_its_indexes(
         features=str(store_dir),
         epochs=2,
         batch_size=4,
+        cross_distill=0.5,
     )
     best = align(cfg, tmp_path / "run", log=lambda _: None)
     assert set(best["languages"]) == {"captions", "captions_xx"}
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert len(log) == 2 and {"cmr_captions", "cmr_captions_xx", "distill"} <= set(log[0]["loss"])
+    assert len(log) == 2
+    assert {"cmr_captions", "cmr_captions_xx", "distill", "distill_captions_xx"} <= set(
+        log[0]["loss"]
+    )
 
     teacher, student = load_model(teacher_dir), load_model(tmp_path / "run" / "best")
     for (name, a), (_, b) in zip(

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightningdot.checkpoint import index_identity, load_model, save_model
@@ -99,6 +100,7 @@ def align_losses(
     logit_scale: torch.Tensor,
     teacher_vectors: torch.Tensor,
     languages: list[str],
+    teacher_centroids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Named loss terms of one step, from tensors alone.
 
@@ -108,22 +110,39 @@ def align_losses(
         logit_scale: the teacher's log inverse temperature.
         teacher_vectors: (B, E) the teacher's vectors of the first language's captions.
         languages: a name per entry of `student_vectors`.
+        teacher_centroids: (B, E) per image, the unit mean of the teacher's vectors of all its
+            first-language captions; the target of the other languages' captions, or None.
 
     Returns:
         {"cmr_<language>": mean of CMR's two directions, per language,
-         "distill": squared distance to the teacher's vectors, first language only}.
+         "distill": squared distance to the teacher's vectors, first language only,
+         "distill_<language>": squared distance to the centroids, other languages (if given)}.
     """
     out = {}
     for lang, vecs in zip(languages, student_vectors, strict=True):
         terms = cmr_loss(vecs, image_vectors, logit_scale)
         out[f"cmr_{lang}"] = (terms["cmr_t2i"] + terms["cmr_i2t"]) / 2
     out["distill"] = (student_vectors[0] - teacher_vectors).pow(2).sum(-1).mean()
+    if teacher_centroids is not None:
+        for lang, vecs in zip(languages[1:], student_vectors[1:], strict=True):
+            out[f"distill_{lang}"] = (vecs - teacher_centroids).pow(2).sum(-1).mean()
     return out
 
 
-def total(losses: dict[str, torch.Tensor], distill: float) -> torch.Tensor:
+def total(losses: dict[str, torch.Tensor], distill: float, cross_distill: float) -> torch.Tensor:
     cmr = [v for k, v in losses.items() if k.startswith("cmr_")]
-    return sum(cmr) / len(cmr) + distill * losses["distill"]
+    loss = sum(cmr) / len(cmr) + distill * losses["distill"]
+    others = [v for k, v in losses.items() if k.startswith("distill_")]
+    if others and cross_distill:
+        loss = loss + cross_distill * sum(others) / len(others)
+    return loss
+
+
+def centroids(text: torch.Tensor, corpus: Corpus) -> torch.Tensor:
+    """(C, E) caption vectors -> (N, E) unit mean of each image's captions' vectors."""
+    owner = torch.as_tensor(corpus.caption_image)
+    sums = torch.zeros(len(corpus.images), text.shape[1]).index_add_(0, owner, text)
+    return F.normalize(sums, dim=-1)
 
 
 @torch.inference_mode()
@@ -157,6 +176,7 @@ def align(
         train = load_split(cfg, cfg.train_split, store, teacher)
         val = load_split(cfg, cfg.val_split, store, teacher) if cfg.val_split else None
         teacher_text = encode_texts(teacher, train.corpora[0].captions)
+        teacher_centroids = centroids(teacher_text, train.corpora[0]) if cfg.cross_distill else None
     student = make_student(cfg, teacher)
     del teacher
 
@@ -205,8 +225,9 @@ def align(
                 student.logit_scale,
                 teacher_text[picks[0]],
                 train.languages,
+                None if teacher_centroids is None else teacher_centroids[idx],
             )
-            loss = total(losses, cfg.distill)
+            loss = total(losses, cfg.distill, cfg.cross_distill)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:

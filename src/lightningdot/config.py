@@ -178,6 +178,12 @@ class RerankTrainConfig:
     batch_size: int = 32  # queries per step in each direction
     negatives: int = 3  # per query, drawn from the bi-encoder's top `mine_from` wrong answers
     mine_from: int = 16
+    # The training loss scores candidates by cross logit + train_fusion x the bi-encoder's
+    # logit; 0 makes the cross-attention model learn to rank on its own.
+    train_fusion: float = 1.0
+    # Fusion weights tried on val after each epoch: the best becomes `reranker.fusion`, the
+    # weight used at query time. Empty keeps `reranker.fusion` as given.
+    fusion_grid: list[float] = field(default_factory=list)
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup: float = 0.05
@@ -190,6 +196,8 @@ class RerankTrainConfig:
             raise ValueError("need epochs >= 1 and batch_size >= 1")
         if not 1 <= self.negatives <= self.mine_from:
             raise ValueError("need 1 <= negatives <= mine_from")
+        if self.train_fusion < 0 or any(w < 0 for w in self.fusion_grid):
+            raise ValueError("fusion weights must be >= 0")
 
 
 @dataclass
@@ -214,6 +222,10 @@ class AlignConfig:
     weight_decay: float = 0.01
     warmup: float = 0.05
     distill: float = 1.0  # weight of the distillation term against the contrastive ones
+    # Weight of pulling each caption in the other languages toward the teacher's unit mean
+    # vector of its image's first-language captions: a cross-lingual target that does not need
+    # translations, only captions of the same images. 0 turns it off.
+    cross_distill: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
     threads: int = 0
@@ -223,8 +235,8 @@ class AlignConfig:
             raise ValueError("annotations must name at least one caption file")
         if self.epochs < 1 or self.batch_size < 2:
             raise ValueError("need epochs >= 1 and batch_size >= 2 (CMR uses in-batch negatives)")
-        if self.distill < 0:
-            raise ValueError("distill must be >= 0")
+        if self.distill < 0 or self.cross_distill < 0:
+            raise ValueError("distill and cross_distill must be >= 0")
 
 
 @dataclass
