@@ -135,6 +135,17 @@ def test_evaluate_reranked_over_the_whole_gallery_ranks_by_fused_scores(corpus_d
     assert got["t2i"] == pytest.approx(want["t2i"])
 
 
+def test_fusion_sweep_equals_one_evaluation_per_weight(corpus_dir, store_dir):
+    r = tiny_reranker()
+    corpus = read_karpathy(corpus_dir / "captions.json", "val")
+    regions = FeatureStore(store_dir).batch(corpus.keys())
+    args = (corpus.captions, corpus.caption_image, regions, 3)
+    sweep = evaluate_reranked(r, *args, fusions=[0.0, 0.5, 2.0])
+    for w, metrics in sweep.items():
+        r.cfg.fusion = w
+        assert metrics == evaluate_reranked(r, *args)
+
+
 def test_save_load_round_trip_and_refusal(tmp_path):
     r = tiny_reranker(seed=1)
     save_model(tmp_path / "bi", r.bi)
@@ -171,6 +182,29 @@ def test_train_reranker_writes_checkpoints_and_a_log(corpus_dir, store_dir, tmp_
     assert best["ar"] == max(x["val"]["ar"] for x in log)
     loaded = load_reranker(tmp_path / "run" / "best")
     assert loaded.cfg.num_layers == 1
+
+
+def test_train_reranker_chooses_the_fusion_weight_on_val(corpus_dir, store_dir, tmp_path):
+    r = tiny_reranker()
+    save_model(tmp_path / "bi", r.bi)
+    cfg = RerankTrainConfig(
+        reranker=RerankerConfig(num_layers=1, fusion=1.0),
+        data=DataConfig(str(corpus_dir / "captions.json"), str(store_dir)),
+        bi_encoder=str(tmp_path / "bi"),
+        epochs=1,
+        batch_size=4,
+        negatives=2,
+        mine_from=3,
+        train_fusion=0.0,
+        fusion_grid=[0.0, 0.5, 3.0],
+    )
+    best = train_reranker(cfg, tmp_path / "run", log=lambda m: None, val_k=3)
+    (record,) = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    sweep = {float(w): ar for w, ar in record["val_fusion_ar"].items()}
+    chosen = max(sweep, key=sweep.get)
+    assert record["fusion"] == chosen and best["ar"] == pytest.approx(sweep[chosen], abs=1e-3)
+    assert load_reranker(tmp_path / "run" / "best").cfg.fusion == chosen
+    assert cfg.reranker.fusion == 1.0  # the recipe itself is left as written
 
 
 def test_cli_bench_reports_the_three_methods(corpus_dir, store_dir, tmp_path):

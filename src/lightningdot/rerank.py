@@ -13,6 +13,8 @@ shipped copy holds only its own few layers. It is tied to the bi-encoder it was 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -131,11 +133,15 @@ class Reranker(nn.Module):
             )
         return torch.cat(out)
 
-    def fuse(self, cross: torch.Tensor, dot: torch.Tensor) -> torch.Tensor:
-        """Re-ranked score: the cross logit plus `fusion` x the bi-encoder's own logit."""
-        if self.cfg.fusion == 0:
+    def fuse(
+        self, cross: torch.Tensor, dot: torch.Tensor, fusion: float | None = None
+    ) -> torch.Tensor:
+        """Re-ranked score: the cross logit plus `fusion` (by default the config's) x the
+        bi-encoder's own logit."""
+        fusion = self.cfg.fusion if fusion is None else fusion
+        if fusion == 0:
             return cross
-        return cross + self.cfg.fusion * dot * self.bi.logit_scale.exp()
+        return cross + fusion * dot * self.bi.logit_scale.exp()
 
     @torch.inference_mode()
     def rerank_images(self, text: str, candidates: RegionBatch, dot: torch.Tensor) -> torch.Tensor:
@@ -250,9 +256,14 @@ def evaluate_reranked(
     caption_image: list[int] | torch.Tensor,
     regions: RegionBatch,
     k: int,
+    fusions: Sequence[float] | None = None,
 ) -> dict:
     """Recall@1/5/10 both ways and AR after re-ranking every query's top K (`recall_metrics`
-    layout), with each gallery item's states computed once."""
+    layout), with each gallery item's states computed once.
+
+    With `fusions`, returns {weight: metrics} for each fusion weight instead, the cross-attention
+    scores computed once for all of them.
+    """
     from lightningdot.evaluate import encode_region_batches, encode_texts, reranked_metrics
 
     was = reranker.training
@@ -262,19 +273,32 @@ def evaluate_reranked(
     text_vecs = encode_texts(bi, captions)
     ts, tm = caption_states(reranker, captions)
     is_, im = gallery_states(reranker, regions)
+    cache: dict[tuple[str, int], torch.Tensor] = {}  # (direction, first query) -> cross logits
 
-    def t2i(q: torch.Tensor, cand: torch.Tensor, dot: torch.Tensor) -> torch.Tensor:
-        kk = cand.shape[1]
-        text = (ts[q].repeat_interleave(kk, 0), tm[q].repeat_interleave(kk, 0))
-        image = (is_[cand.flatten()], im[cand.flatten()])
-        return reranker.fuse(reranker.cross_scores(text, image).view_as(dot), dot)
+    def t2i(q: torch.Tensor, cand: torch.Tensor, dot: torch.Tensor, fusion: float) -> torch.Tensor:
+        key = ("t2i", int(q[0]))
+        if key not in cache:
+            kk = cand.shape[1]
+            text = (ts[q].repeat_interleave(kk, 0), tm[q].repeat_interleave(kk, 0))
+            image = (is_[cand.flatten()], im[cand.flatten()])
+            cache[key] = reranker.cross_scores(text, image).view_as(dot)
+        return reranker.fuse(cache[key], dot, fusion)
 
-    def i2t(q: torch.Tensor, cand: torch.Tensor, dot: torch.Tensor) -> torch.Tensor:
-        kk = cand.shape[1]
-        text = (ts[cand.flatten()], tm[cand.flatten()])
-        image = (is_[q].repeat_interleave(kk, 0), im[q].repeat_interleave(kk, 0))
-        return reranker.fuse(reranker.cross_scores(text, image).view_as(dot), dot)
+    def i2t(q: torch.Tensor, cand: torch.Tensor, dot: torch.Tensor, fusion: float) -> torch.Tensor:
+        key = ("i2t", int(q[0]))
+        if key not in cache:
+            kk = cand.shape[1]
+            text = (ts[cand.flatten()], tm[cand.flatten()])
+            image = (is_[q].repeat_interleave(kk, 0), im[q].repeat_interleave(kk, 0))
+            cache[key] = reranker.cross_scores(text, image).view_as(dot)
+        return reranker.fuse(cache[key], dot, fusion)
 
-    metrics = reranked_metrics(text_vecs, image_vecs, caption_image, k, t2i, i2t)
+    weights = list(fusions) if fusions is not None else [reranker.cfg.fusion]
+    results = {
+        w: reranked_metrics(
+            text_vecs, image_vecs, caption_image, k, partial(t2i, fusion=w), partial(i2t, fusion=w)
+        )
+        for w in weights
+    }
     reranker.train(was)
-    return metrics
+    return results if fusions is not None else results[weights[0]]

@@ -3,12 +3,15 @@
 Each step takes a batch of training images and one caption of each, and asks the re-ranker to
 pick, in both directions, the right answer among it and `negatives` wrong ones drawn from the
 bi-encoder's own top `mine_from`: exactly the confusions re-ranking exists to fix. The loss is
-on the score used at query time (cross logit fused with the bi-encoder's logit), so the
-cross-attention model learns what the dot product misses.
+on the cross logit plus `train_fusion` x the bi-encoder's logit. The weight used at query time
+(`reranker.fusion`) can then be chosen on val from `fusion_grid`: the bi-encoder's logit
+(dot / temperature) is large next to a cross logit that starts near zero, so training on the
+fused score alone leaves the cross-attention model little to learn from.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -63,7 +66,7 @@ def train_reranker(
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     bi = load_model(cfg.bi_encoder)
-    reranker = Reranker(bi, cfg.reranker)
+    reranker = Reranker(bi, dataclasses.replace(cfg.reranker))  # its fusion may be tuned below
     reranker.init_pretrained()
     store = FeatureStore(cfg.data.features)
     train = load_split(cfg.data, cfg.data.train_split, store, soft_labels=False)
@@ -112,7 +115,8 @@ def train_reranker(
             ).view(-1, n)
             dot_t2i = (text_vecs[cap, None] * image_vecs[cand_img]).sum(-1)
             dot_i2t = (text_vecs[cand_cap] * image_vecs[img, None]).sum(-1)
-            losses = itm_loss(reranker.fuse(t2i, dot_t2i), reranker.fuse(i2t, dot_i2t))
+            w = cfg.train_fusion
+            losses = itm_loss(reranker.fuse(t2i, dot_t2i, w), reranker.fuse(i2t, dot_i2t, w))
             loss = (losses["itm_t2i"] + losses["itm_i2t"]) / 2
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -136,9 +140,15 @@ def train_reranker(
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
         if val is not None:
-            metrics = evaluate_reranked(
-                reranker, val.corpus.captions, val.corpus.caption_image, val.regions, val_k
-            )
+            args = (reranker, val.corpus.captions, val.corpus.caption_image, val.regions, val_k)
+            if cfg.fusion_grid:
+                sweep = evaluate_reranked(*args, fusions=cfg.fusion_grid)
+                record["val_fusion_ar"] = {str(w): round(m["ar"], 3) for w, m in sweep.items()}
+                reranker.cfg.fusion = max(sweep, key=lambda w: sweep[w]["ar"])
+                metrics = sweep[reranker.cfg.fusion]
+            else:
+                metrics = evaluate_reranked(*args)
+            record["fusion"] = reranker.cfg.fusion
             record["val"] = metrics
             if metrics["ar"] > best["ar"]:
                 best = metrics
