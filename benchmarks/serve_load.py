@@ -84,11 +84,13 @@ def start_server(index: Path, port: int, threads: int) -> subprocess.Popen:
     ldot = Path(sys.executable).parent / "ldot"
     cmd = [str(ldot), "serve", str(index), "--port", str(port), "--no-access-log"]
     cmd += ["--threads", str(threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads it while it serves
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stderr.read()}")
+            log.seek(0)
+            raise RuntimeError(f"the server exited: {log.read()}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
                 if r.status == 200:

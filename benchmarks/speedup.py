@@ -17,7 +17,7 @@ from pathlib import Path
 from report import commit, machine, table, write_section
 
 from lightningdot.bench import run_bench
-from lightningdot.data import read_karpathy
+from lightningdot.data import Corpus, read_karpathy
 from lightningdot.features import FeatureStore
 from lightningdot.rerank import load_reranker
 
@@ -37,12 +37,27 @@ def main() -> None:
     ap.add_argument("--rerank", type=int, default=16)
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--full-queries", type=int, default=5)
+    ap.add_argument("--galleries", type=int, nargs="+", default=[125, 250, 500])
     args = ap.parse_args()
     corpus = read_karpathy(args.data / "dataset_flickr8k.json", "val")
     regions = FeatureStore(args.features).batch(corpus.keys())
-    rep = run_bench(
-        load_reranker("default"), corpus, regions, args.rerank, args.queries, args.full_queries
-    )
+    reranker = load_reranker("default")
+    rep = run_bench(reranker, corpus, regions, args.rerank, args.queries, args.full_queries)
+    # The same measurement on the first N val images: how the ratio grows with the gallery.
+    growth = []
+    for n in [g for g in args.galleries if g < rep.gallery]:
+        sub = run_bench(
+            reranker,
+            Corpus(corpus.images[:n]),
+            regions.select(slice(0, n)),
+            args.rerank,
+            args.queries,
+            args.full_queries,
+            with_recall=False,
+        )
+        growth.append(sub)
+        print(sub.to_json(), flush=True)
+    growth.append(rep)
     print(json.dumps(rep.to_json(), indent=1))
     ms, sp = rep.ms_per_query, rep.speedup
     body = "\n".join(
@@ -68,6 +83,23 @@ def main() -> None:
                         f"{sp['dot_rerank']:,.0f}x",
                     ],
                     ["(c) cross-attention model over every image", f"{ms['cross_full']:.0f}", "1x"],
+                ],
+            ),
+            "",
+            "As the gallery grows (the first N val images; same queries, same code):",
+            "",
+            table(
+                ["gallery", "(a) ms", "(c) ms", "speed-up (c)/(a)", "(b) ms", "speed-up (c)/(b)"],
+                [
+                    [
+                        f"{r.gallery:,}",
+                        f"{r.ms_per_query['dot']:.2f}",
+                        f"{r.ms_per_query['cross_full']:.0f}",
+                        f"{r.speedup['dot']:,.0f}x",
+                        f"{r.ms_per_query['dot_rerank']:.1f}",
+                        f"{r.speedup['dot_rerank']:,.0f}x",
+                    ]
+                    for r in growth
                 ],
             ),
             "",

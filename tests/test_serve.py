@@ -2,9 +2,12 @@
 
 import asyncio
 import io
+import struct
 import threading
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -37,6 +40,29 @@ def png(colour, size=(20, 20)) -> bytes:
     return buf.getvalue()
 
 
+def broken_png() -> bytes:
+    """A PNG whose image data is split over two chunks, the second with a garbled type: Pillow
+    reads its header, then raises SyntaxError (not OSError) while decoding."""
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, "PNG")
+    data = buf.getvalue()
+    at = data.index(b"IDAT") - 4
+    n = struct.unpack(">I", data[at : at + 4])[0]
+    payload, half = data[at + 8 : at + 8 + n], n // 2
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        return struct.pack(">I", len(body)) + kind + body + crc
+
+    return (
+        data[:at]
+        + chunk(b"IDAT", payload[:half])
+        + chunk(b"I\x00AT", payload[half:])
+        + data[at + 12 + n :]
+    )
+
+
 def test_text_search_answers_like_the_retriever(client, retriever):
     r = client.get("/search", params={"q": "a blue picture", "k": 3})
     assert r.status_code == 200
@@ -67,6 +93,7 @@ def test_rerank_is_a_stage_and_matches_the_retriever(client, retriever):
         ({"q": "red", "k": "many"}, 422),
         ({"q": "red", "rerank": -1}, 422),
         ({"q": "red", "rerank": 65}, 422),
+        ({"q": "red", "k": 10, "rerank": 4}, 400),  # re-ranking 4 cannot answer 10
         ({}, 422),
     ],
 )
@@ -120,6 +147,7 @@ def test_image_search_with_rerank(client):
     [
         ({"file": ("notes.txt", b"not an image at all", "text/plain")}, {}, 400, "notes.txt"),
         ({"file": ("cut.png", png("red")[:60], "image/png")}, {}, 400, "cut.png"),
+        ({"file": ("garbled.png", broken_png(), "image/png")}, {}, 400, "garbled.png"),
         ({"file": ("empty.png", b"", "image/png")}, {}, 400, "empty"),
         ({}, {"k": 3}, 422, "file"),
         ({"file": ("q.png", png("red"), "image/png")}, {"k": 0}, 422, "k"),
@@ -169,6 +197,24 @@ def test_add_images_then_find_them_and_persist(client, retriever, index_dir):
     # The same bytes again are not added twice.
     again = client.post("/images", files=files[:1]).json()
     assert again["images"][0]["added"] is False and again["count"] == before + 2
+
+
+def test_uploads_are_named_by_their_decoded_format(client):
+    """A PNG sent as "page.html" is stored and served as a PNG, never as a page."""
+    r = client.post("/images", files={"files": ("page.html", png("olive"), "text/html")})
+    (added,) = r.json()["images"]
+    assert added["id"].endswith(".png") and added["filename"] == "page.html"
+    served = client.get(added["image_url"])
+    assert served.headers["content-type"] == "image/png"
+    assert served.headers["x-content-type-options"] == "nosniff"
+
+
+def test_an_image_too_large_to_decode_safely_is_refused(client, monkeypatch):
+    from lightningdot.features import backbones
+
+    monkeypatch.setattr(backbones, "MAX_PIXELS", 100)
+    r = client.post("/search/image", files={"file": ("big.png", png("red"), "image/png")})
+    assert r.status_code == 400 and "big.png" in r.json()["detail"]
 
 
 def test_a_failed_add_adds_nothing(client, retriever, index_dir):
@@ -294,6 +340,24 @@ def test_micro_batcher_batches_what_waits_and_isolates_failures():
     assert isinstance(results[2], ValueError)
     assert max(len(b) for b in batches) == 3  # queued requests ran together, capped
     assert ["bad"] in batches  # the failed batch was retried one by one
+
+
+def test_micro_batcher_survives_a_fault_outside_the_model():
+    def on_batch(n):
+        if n == 2:
+            raise ValueError("metrics broke")
+
+    async def main():
+        with ThreadPoolExecutor(1) as pool:
+            batcher = MicroBatcher(lambda items: items, pool, max_batch=2, on_batch=on_batch)
+            batcher.start()
+            first = await asyncio.gather(batcher("a"), batcher("b"), return_exceptions=True)
+            after = await batcher("c")  # the loop is still running
+            await batcher.stop()
+            return first, after
+
+    first, after = asyncio.run(main())
+    assert all(isinstance(x, ValueError) for x in first) and after == "c"
 
 
 def test_cli_serve_refuses_a_folder_that_is_no_index(tmp_path):

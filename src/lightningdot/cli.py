@@ -535,7 +535,7 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option(help="Largest upload per request.")] = 10.0,
     max_batch: Annotated[int, typer.Option(help="Text queries encoded together at most.")] = 32,
     threads: Annotated[
-        int, typer.Option(help="Threads for the model's arithmetic (0: torch's default).")
+        int, typer.Option(min=0, help="Threads for the model's arithmetic (0: torch's default).")
     ] = 0,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
 ) -> None:

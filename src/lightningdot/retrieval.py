@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import threading
@@ -182,7 +183,8 @@ class Retriever:
         self.model, self.images, self.captions, self.folder = model, images, captions, folder
         self.reranker, self.images_root, self.features = reranker, images_root, features
         self._backbone = None
-        self._add_lock = threading.Lock()
+        self._add_lock = threading.RLock()
+        self._backbone_lock = threading.Lock()
 
     @classmethod
     def open(
@@ -217,8 +219,9 @@ class Retriever:
 
     @property
     def backbone(self):
-        if self._backbone is None:
-            self._backbone = create_backbone(self.model.cfg.backbone)
+        with self._backbone_lock:  # image queries and adds may ask first at the same time
+            if self._backbone is None:
+                self._backbone = create_backbone(self.model.cfg.backbone)
         return self._backbone
 
     def append(
@@ -386,50 +389,56 @@ class Retriever:
     def add_uploads(self, uploads: list[tuple[str, bytes]]) -> list[tuple[str, bool]]:
         """Index uploaded image files, all or none: `(filename, bytes)` -> `(id, added)` each.
 
-        Each image is stored under `<index>/uploads/`, named by a hash of its bytes, which is
-        also its id; an image already indexed is not added twice (`added` False). Nothing is
-        written before every upload has decoded, and the stored files go again if indexing fails.
+        Each image is stored under `<index>/uploads/`, named by a hash of its bytes plus the
+        extension of the format it decodes as (never the client's, so an upload cannot become
+        an .html page), which is also its id. An image already indexed is not added twice
+        (`added` False). Nothing is written before every upload has decoded, and the stored
+        files go again if indexing fails.
 
         Raises:
             DataError: an upload does not decode as an image (named in the message).
         """
-        decoded = []
+        decoded, keys = [], []
         for name, data in uploads:
             try:
                 decoded.append(load_image(data))
-            except DataError as e:
-                raise DataError(f"{name}: not an image file this server can decode") from e
-        keys = [upload_id(name, data) for name, data in uploads]
-        fresh = {}  # id -> position of its first upload, in upload order
-        for n, key in enumerate(keys):
-            if self.images.row(key) is None and key not in fresh:
-                fresh[key] = n
+                with Image.open(io.BytesIO(data)) as im:
+                    keys.append(upload_id(data, im.format))
+            except (DataError, OSError) as e:
+                raise DataError(f"{name}: not an image file this server can decode ({e})") from e
         folder = self.folder / "uploads"
-        written = []
-        try:
-            for key, n in fresh.items():
-                with atomic_path(folder / key) as tmp:
-                    tmp.write_bytes(uploads[n][1])
-                written.append(folder / key)
-            items = [
-                {"id": key, "path": str((folder / key).resolve()), "filename": uploads[n][0]}
-                for key, n in fresh.items()
-            ]
-            if items:
-                self.add_images([decoded[n] for n in fresh.values()], items)
-        except BaseException:
-            for f in written:
-                f.unlink(missing_ok=True)
-            raise
+        with self._add_lock:  # re-entered by `append`; makes the check and the add one step
+            fresh = {}  # id -> position of its first upload, in upload order
+            for n, key in enumerate(keys):
+                if self.images.row(key) is None and key not in fresh:
+                    fresh[key] = n
+            written = []
+            try:
+                for key, n in fresh.items():
+                    with atomic_path(folder / key) as tmp:
+                        tmp.write_bytes(uploads[n][1])
+                    written.append(folder / key)
+                items = [
+                    {"id": key, "path": str((folder / key).resolve()), "filename": uploads[n][0]}
+                    for key, n in fresh.items()
+                ]
+                if items:
+                    self.add_images([decoded[n] for n in fresh.values()], items)
+            except BaseException:
+                for f in written:
+                    f.unlink(missing_ok=True)
+                raise
         return [(key, key in fresh and fresh[key] == n) for n, key in enumerate(keys)]
 
 
-def upload_id(filename: str, data: bytes) -> str:
+# File extensions of the formats an upload is stored under, by Pillow's name for the format.
+UPLOAD_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp"}
+
+
+def upload_id(data: bytes, image_format: str | None) -> str:
     """The id (and stored file name) of an uploaded image: a hash of its bytes, plus the
-    extension of its file name when that looks like one."""
-    suffix = Path(filename).suffix.lower()
-    if not (2 <= len(suffix) <= 6 and suffix[1:].isalnum()):
-        suffix = ""
+    extension of its decoded format (".img" for a format without one here)."""
+    suffix = UPLOAD_SUFFIX.get(image_format or "", ".img")
     return f"upload-{hashlib.sha256(data).hexdigest()[:20]}{suffix}"
 
 

@@ -15,11 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torch import nn
 
 from lightningdot.errors import DataError
 from lightningdot.features.regions import RegionFeatures, grid_boxes
+
+# Larger images are refused before decoding: a small, highly compressed file can decode to
+# gigabytes. 40 megapixels is well past any camera photo a retrieval gallery holds.
+MAX_PIXELS = 40_000_000
 
 
 def load_image(source: str | os.PathLike[str] | bytes) -> Image.Image:
@@ -37,6 +41,10 @@ def load_image(source: str | os.PathLike[str] | bytes) -> Image.Image:
             raise DataError(f"image not found: {path}")
     try:
         with Image.open(opened) as im:
+            if im.width * im.height > MAX_PIXELS:  # checked before the pixels are decoded
+                raise DataError(
+                    f"image {path} is {im.width} x {im.height}; the limit is {MAX_PIXELS:,} pixels"
+                )
             im = ImageOps.exif_transpose(im)
             if im.mode == "RGBA" or (im.mode == "P" and "transparency" in im.info):
                 # Paste on white so transparent pixels do not turn into arbitrary colours.
@@ -49,8 +57,10 @@ def load_image(source: str | os.PathLike[str] | bytes) -> Image.Image:
                 arr = 255.0 * (arr - arr.min()) / max(float(arr.max() - arr.min()), 1.0)
                 return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot decode image {path}: {e}") from e
+    except DataError:
+        raise
+    except Exception as e:  # decoders of damaged files raise all kinds (SyntaxError, struct.error)
+        raise DataError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
 
 
 class Backbone(nn.Module):

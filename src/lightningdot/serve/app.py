@@ -9,9 +9,10 @@
     GET  /metrics          Prometheus text: requests by route and status, latency per stage
 
 The app owns no model logic: it validates input, calls the `Retriever` and times it. One
-thread runs the model. Text queries that arrive together are encoded as one batch
-(`MicroBatcher`); image queries run on the same thread. Adds run on a second thread and swap
-the grown index in once it is saved (`Retriever.append`), so searches go on meanwhile.
+thread answers queries: text queries that arrive together are encoded as one batch
+(`MicroBatcher`), and image queries run there too. Adds encode their images on a second
+thread, so a long add never holds queries up (it shares the CPU with them), and swap the grown
+index in once it is saved (`Retriever.append`).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at run time, and
@@ -40,6 +41,7 @@ from prometheus_client import (
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lightningdot import __version__
 from lightningdot.config import ServeConfig
 from lightningdot.errors import LightningDotError
 from lightningdot.features import load_image
@@ -230,7 +232,7 @@ def with_queue(answer: Answer, start: float) -> dict[str, float]:
     return {"queue": max(0.0, wall - answer.timing_ms["total"]), **timing, "total": wall}
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)
 def thumbnail(path: str, size: int, mtime: float) -> bytes:
     """A JPEG no larger than `size` on either side (cached; `mtime` keys out stale files)."""
     image = load_image(path)
@@ -274,7 +276,7 @@ def create_app(retriever: Retriever, cfg: ServeConfig | None = None) -> FastAPI:
     app = FastAPI(
         title="lightningdot",
         summary="Real-time image-text retrieval with LightningDOT.",
-        version="0.1.0",
+        version=__version__,
         lifespan=lifespan,
         form_limits={"max_files": cfg.max_files},
     )
@@ -286,9 +288,12 @@ def create_app(retriever: Retriever, cfg: ServeConfig | None = None) -> FastAPI:
     async def user_error(request: Request, exc: LightningDotError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
 
-    def check_rerank(rerank: int) -> None:
+    def check_rerank(rerank: int, k: int) -> None:
         if rerank and retriever.reranker is None:
             raise HTTPException(400, "this server has no re-ranker (start it with --reranker)")
+        if 0 < rerank < k:
+            # Re-ranking answers from the K it re-scores; past them the scores would not compare.
+            raise HTTPException(400, f"rerank ({rerank}) must be 0 or at least k ({k})")
 
     async def run_model(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(pools["model"], fn, *args)
@@ -319,7 +324,7 @@ def create_app(retriever: Retriever, cfg: ServeConfig | None = None) -> FastAPI:
         """Text -> images: the indexed images that best match the query."""
         if not q.strip():
             raise HTTPException(400, "the query is empty")
-        check_rerank(rerank)
+        check_rerank(rerank, k)
         start = time.perf_counter()
         answer = await batcher(TextQuery(q, k, rerank))
         timing = with_queue(answer, start)
@@ -341,7 +346,7 @@ def create_app(retriever: Retriever, cfg: ServeConfig | None = None) -> FastAPI:
     ) -> ImageSearchResponse:
         """Image -> the captions that describe it and the indexed images that look like it."""
         name, data = await read_upload(file)
-        check_rerank(rerank)
+        check_rerank(rerank, k)
         has_captions = retriever.captions is not None
         if rerank and not has_captions:
             raise HTTPException(400, "re-ranking needs a caption index, and this index has none")
@@ -414,13 +419,15 @@ def create_app(retriever: Retriever, cfg: ServeConfig | None = None) -> FastAPI:
         path = retriever.image_file(index.items[row].get("path") or image_id)
         if not path.is_file():
             raise HTTPException(404, f"the file of image {image_id!r} is missing: {path.name}")
+        # Browsers must not guess a type other than the one sent (an upload is never a page).
+        headers = {"Cache-Control": "max-age=3600", "X-Content-Type-Options": "nosniff"}
         if size == 0:
-            return FileResponse(path)
+            return FileResponse(path, headers=headers)
         try:
             body = thumbnail(str(path), size, path.stat().st_mtime)
         except LightningDotError as e:
             raise HTTPException(404, f"image {image_id!r} does not decode: {e}") from e
-        return Response(body, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+        return Response(body, media_type="image/jpeg", headers=headers)
 
     @app.get("/healthz", response_model=Health)
     async def healthz() -> Health:

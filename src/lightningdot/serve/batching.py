@@ -44,6 +44,7 @@ class MicroBatcher(Generic[T, R]):
         self._task = asyncio.get_running_loop().create_task(self._serve())
 
     async def stop(self) -> None:
+        """Stop the loop; requests still waiting get an error rather than no answer."""
         if self._task is not None:
             self._task.cancel()
             try:
@@ -51,6 +52,9 @@ class MicroBatcher(Generic[T, R]):
             except asyncio.CancelledError:
                 pass
             self._task = None
+        while self._queue is not None and not self._queue.empty():
+            _, fut = self._queue.get_nowait()
+            _settle(fut, error=RuntimeError("the service is shutting down"))
 
     async def __call__(self, item: T) -> R:
         if self._queue is None:
@@ -61,29 +65,40 @@ class MicroBatcher(Generic[T, R]):
 
     async def _serve(self) -> None:
         assert self._queue is not None
-        loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             batch = [(item, fut) for item, fut in batch if not fut.cancelled()]
-            if not batch:
-                continue
-            if self._on_batch is not None:
-                self._on_batch(len(batch))
             try:
-                results = await loop.run_in_executor(
-                    self._executor, self._run, [item for item, _ in batch]
-                )
-            except Exception as e:
-                if len(batch) == 1:
-                    _settle(batch[0][1], error=e)
-                else:
-                    for item, fut in batch:
-                        await self._run_alone(item, fut)
-                continue
-            for (_, fut), result in zip(batch, results, strict=True):
-                _settle(fut, result)
+                await self._answer(batch)
+            except asyncio.CancelledError:
+                for _, fut in batch:
+                    _settle(fut, error=RuntimeError("the service is shutting down"))
+                raise
+            except Exception as e:  # a fault here must fail this batch, not stop the loop
+                for _, fut in batch:
+                    _settle(fut, error=e)
+
+    async def _answer(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        if not batch:
+            return
+        if self._on_batch is not None:
+            self._on_batch(len(batch))
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(
+                self._executor, self._run, [item for item, _ in batch]
+            )
+        except Exception as e:
+            if len(batch) == 1:
+                _settle(batch[0][1], error=e)
+            else:
+                for item, fut in batch:
+                    await self._run_alone(item, fut)
+            return
+        for (_, fut), result in zip(batch, results, strict=True):
+            _settle(fut, result)
 
     async def _run_alone(self, item: T, fut: asyncio.Future[R]) -> None:
         loop = asyncio.get_running_loop()
