@@ -42,3 +42,22 @@ def test_demo_ranks_the_obvious_photos_first():
     image = results[-1]
     assert image.query == "[image] motorcycle_left.png"
     assert image.hits[0].name == "caption: a motorcycle parked indoors"
+
+
+def test_multilingual_model_shares_the_default_index_and_aligns_languages():
+    from lightningdot.checkpoint import index_identity
+
+    default, multi = load_model("default"), load_model("multilingual")
+    assert index_identity(multi) == index_identity(default)  # same image index serves both
+    with torch.inference_mode():
+        zh, en, other = multi.encode_text(
+            ["一只狗在草地上奔跑", "a dog runs on the grass", "a plate of food on a table"]
+        )
+    assert float(zh @ en) > 0.8 > float(zh @ other)
+
+
+def test_demo_with_the_multilingual_model_answers_other_languages():
+    results, _ = run_demo("multilingual", k=3)
+    by_query = {r.query: r for r in results}
+    assert by_query["一匹棕色的马站在田野里"].hits[0].name == "horse.png"
+    assert by_query["Una motocicleta estacionada"].hits[0].name == "motorcycle_left.png"
