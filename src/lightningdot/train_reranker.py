@@ -3,10 +3,10 @@
 Each step takes a batch of training images and one caption of each, and asks the re-ranker to
 pick, in both directions, the right answer among it and `negatives` wrong ones drawn from the
 bi-encoder's own top `mine_from`: exactly the confusions re-ranking exists to fix. The loss is
-on the cross logit plus `train_fusion` x the bi-encoder's logit. The weight used at query time
-(`reranker.fusion`) can then be chosen on val from `fusion_grid`: the bi-encoder's logit
-(dot / temperature) is large next to a cross logit that starts near zero, so training on the
-fused score alone leaves the cross-attention model little to learn from.
+on the cross logit plus `train_fusion` x the bi-encoder's logit, and the weight used at query
+time (`reranker.fusion`) can be chosen on val from `fusion_grid`. The bi-encoder's logit
+(dot / temperature) is large next to a cross logit that starts near zero; `train_fusion = 0`
+takes it out of training, so the cross-attention model has to rank on its own.
 """
 
 from __future__ import annotations
