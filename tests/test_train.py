@@ -100,8 +100,10 @@ def test_recipe_toml_with_unknown_key(tmp_path):
     "recipe", sorted(p.name for p in (Path(__file__).parent.parent / "recipes").rglob("*.toml"))
 )
 def test_every_shipped_recipe_parses(recipe):
-    from lightningdot.config import RerankTrainConfig
+    from lightningdot.config import AlignConfig, RerankTrainConfig
 
     path = next((Path(__file__).parent.parent / "recipes").rglob(recipe))
-    cls = RerankTrainConfig if recipe.startswith("reranker") else TrainConfig
+    cls = {"reranker.toml": RerankTrainConfig, "multilingual.toml": AlignConfig}.get(
+        recipe, TrainConfig
+    )
     load_config(cls, path)
