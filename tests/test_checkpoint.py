@@ -71,3 +71,21 @@ def test_missing_and_damaged_models(tmp_path):
     w.write_bytes(w.read_bytes()[:50])
     with pytest.raises(DataError, match="damaged"):
         load_model(tmp_path / "m")
+
+
+def test_atomic_writes_leave_files_readable_like_any_other(tmp_path):
+    import os
+
+    from lightningdot.io import write_json
+
+    m = trained_model()
+    save_model(tmp_path / "m", m)
+    write_json(tmp_path / "x.json", {})
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in [
+        tmp_path / "m" / "model.safetensors",
+        tmp_path / "m" / "config.json",
+        tmp_path / "x.json",
+    ]:
+        assert os.stat(f).st_mode & 0o777 == 0o666 & ~umask, f

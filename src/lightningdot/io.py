@@ -29,9 +29,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; the result should read like any file
     try:
         yield tmp_path
+        # mkstemp makes 0600, and some writers (safetensors) replace the file with another 0600
+        # one: set the mode a file written in place would have, after writing.
+        os.chmod(tmp_path, 0o666 & ~umask)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
