@@ -6,9 +6,11 @@
 
 The student keeps the teacher's image encoder, so any index the teacher built answers the
 student's queries: a Chinese query is searched against the same image vectors as an English
-one. Each step takes a batch of images and one caption of each in every language, with two
-losses per language: CMR against the images (in-batch negatives, the teacher's temperature),
-and, in the teacher's own language, the distance to the teacher's text vector of the caption.
+one. Each step takes a batch of images and one caption of each in every language. The losses:
+CMR against the images in every language (in-batch negatives, the teacher's temperature); in
+the teacher's own language, the distance to the teacher's vector of the same caption; and,
+with `cross_distill`, in the other languages the distance to the teacher's mean vector of the
+image's captions in its own language.
 """
 
 from __future__ import annotations
