@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from lightningdot.checkpoint import index_identity, load_model, save_model
 from lightningdot.config import AlignConfig, ModelConfig, to_dict
@@ -35,7 +34,14 @@ from lightningdot.evaluate import encode_region_batches, encode_texts, recall_me
 from lightningdot.features import FeatureStore
 from lightningdot.io import atomic_dir
 from lightningdot.objectives import cmr_loss
-from lightningdot.train import StepCallback, peak_rss_mb, seed_everything, warmup_cosine
+from lightningdot.train import (
+    StepCallback,
+    adamw,
+    peak_rss_mb,
+    seed_everything,
+    take_step,
+    warmup_cosine,
+)
 
 
 @dataclass
@@ -182,15 +188,12 @@ def align(
     student = make_student(cfg, teacher)
     del teacher
 
-    params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
-    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-    for name, p in params:
-        lr = cfg.head_lr if name.startswith("text.proj") else cfg.lr
-        wd = 0.0 if p.ndim < 2 or "LayerNorm" in name else cfg.weight_decay
-        groups.setdefault((lr, wd), []).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+    optimizer = adamw(
+        student,
+        lambda name: cfg.head_lr if name.startswith("text.proj") else cfg.lr,
+        cfg.weight_decay,
     )
+    params = [p for p in student.parameters() if p.requires_grad]
     n_images = len(train.images)
     steps = max(1, n_images // cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -230,17 +233,7 @@ def align(
                 None if teacher_centroids is None else teacher_centroids[idx],
             )
             loss = total(losses, cfg.distill, cfg.cross_distill)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            values = {k: float(v.detach()) for k, v in losses.items()} | {
-                "loss": float(loss.detach())
-            }
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
+            values = take_step(loss, losses, optimizer, scheduler, params, cfg.grad_clip, sums)
             if on_step:
                 on_step(epoch, step, steps, values)
         seconds = time.perf_counter() - t0

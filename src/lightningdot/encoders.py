@@ -115,8 +115,7 @@ class TextEncoder(nn.Module):
         """(B, T, H) states -> (B, H) global state ([CLS], or the mean over real tokens)."""
         if self.cfg.pooling == "cls":
             return states[:, 0]
-        m = attention_mask.unsqueeze(-1).to(states.dtype)
-        return (states * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return multilingual.mean_pool(states, attention_mask)
 
 
 class ImageEncoder(nn.Module):

@@ -12,7 +12,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,16 +195,50 @@ def check_store(cfg: TrainConfig, store: FeatureStore) -> None:
 
 
 def build_optimizer(module: PretrainingModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return adamw(
+        module,
+        lambda name: cfg.text_lr if name.startswith("model.text.bert.") else cfg.lr,
+        cfg.weight_decay,
+    )
+
+
+def adamw(
+    module: nn.Module, lr_of: Callable[[str], float], weight_decay: float
+) -> torch.optim.Optimizer:
+    """AdamW over the module's trainable parameters, each at `lr_of(its name)`; biases,
+    LayerNorms and the temperature are not decayed."""
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        lr = cfg.text_lr if name.startswith("model.text.bert.") else cfg.lr
         no_decay = p.ndim < 2 or "LayerNorm" in name or name.endswith("logit_scale")
-        groups.setdefault((lr, 0.0 if no_decay else cfg.weight_decay), []).append(p)
+        groups.setdefault((lr_of(name), 0.0 if no_decay else weight_decay), []).append(p)
     return torch.optim.AdamW(
         [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
     )
+
+
+def take_step(
+    loss: torch.Tensor,
+    losses: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    params: Iterable[nn.Parameter],
+    grad_clip: float,
+    sums: dict[str, float],
+) -> dict[str, float]:
+    """One optimiser and schedule step on `loss`, gradients clipped to `grad_clip` (0: not).
+    Returns the step's terms and "loss" as floats, and adds them to the epoch's `sums`."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    scheduler.step()
+    values = {k: float(v.detach()) for k, v in losses.items()} | {"loss": float(loss.detach())}
+    for k, v in values.items():
+        sums[k] = sums.get(k, 0.0) + v
+    return values
 
 
 def warmup_cosine(total_steps: int, warmup: float) -> Callable[[int], float]:
@@ -352,19 +386,11 @@ def train(
                 hard = train_data.regions.select(hard_idx[idx].flatten()).to(device)
             losses = wrapped(tokens, regions, gen, hard)
             loss = total_loss(losses, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            values = take_step(
+                loss, losses, optimizer, scheduler, module.parameters(), cfg.grad_clip, sums
+            )
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100.0))
-            values = {k: float(v.detach()) for k, v in losses.items()} | {
-                "loss": float(loss.detach())
-            }
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
             if on_step and rank == 0:
                 on_step(epoch, step, steps_per_epoch, values)
         seconds = time.perf_counter() - t0

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from lightningdot.checkpoint import load_model
 from lightningdot.config import RerankTrainConfig, to_dict
@@ -28,7 +27,14 @@ from lightningdot.features import FeatureStore
 from lightningdot.io import atomic_dir
 from lightningdot.objectives import itm_loss
 from lightningdot.rerank import Reranker, evaluate_reranked, gallery_states, save_reranker
-from lightningdot.train import TrainData, load_split, peak_rss_mb, seed_everything, warmup_cosine
+from lightningdot.train import (
+    TrainData,
+    load_split,
+    peak_rss_mb,
+    seed_everything,
+    take_step,
+    warmup_cosine,
+)
 
 
 @torch.inference_mode()
@@ -118,17 +124,7 @@ def train_reranker(
             w = cfg.train_fusion
             losses = itm_loss(reranker.fuse(t2i, dot_t2i, w), reranker.fuse(i2t, dot_i2t, w))
             loss = (losses["itm_t2i"] + losses["itm_i2t"]) / 2
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            values = {k: float(v.detach()) for k, v in losses.items()} | {
-                "loss": float(loss.detach())
-            }
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
+            values = take_step(loss, losses, optimizer, scheduler, params, cfg.grad_clip, sums)
             if on_step:
                 on_step(epoch, step, steps, values)
         seconds = time.perf_counter() - t0
