@@ -103,7 +103,8 @@ def test_every_shipped_recipe_parses(recipe):
     from lightningdot.config import AlignConfig, RerankTrainConfig
 
     path = next((Path(__file__).parent.parent / "recipes").rglob(recipe))
-    cls = {"reranker.toml": RerankTrainConfig, "multilingual.toml": AlignConfig}.get(
-        recipe, TrainConfig
-    )
+    if recipe.startswith("reranker"):
+        cls = RerankTrainConfig
+    else:
+        cls = AlignConfig if recipe == "multilingual.toml" else TrainConfig
     load_config(cls, path)
