@@ -59,7 +59,7 @@ def main() -> None:
                 images = encode_region_batches(model, store_batches(store, corpus.keys()))
             with torch.inference_mode():
                 m = recall_metrics(
-                    encode_texts(model, corpus.captions), images, corpus.caption_image
+                    encode_texts(model, corpus.captions), images, corpus.caption_image, model.bank
                 )
             ars[name, lang] = m["ar"]
             rows.append(

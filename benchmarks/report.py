@@ -27,10 +27,16 @@ def machine() -> str:
 
 
 def commit() -> str:
+    """The commit measured, flagged when tracked files (other than this report) differ from it."""
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+        changed = subprocess.check_output(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!BENCHMARKS.md"],
+            text=True,
+        )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return f"{sha} with uncommitted changes" if changed.strip() else sha
 
 
 def write_section(name: str, body: str) -> None:

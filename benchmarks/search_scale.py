@@ -25,7 +25,7 @@ from lightningdot.checkpoint import load_model
 from lightningdot.data import read_karpathy
 from lightningdot.evaluate import encode_region_batches
 from lightningdot.features import FeatureStore
-from lightningdot.index import IndexConfig, VectorIndex, recall_against_exact
+from lightningdot.index import IndexConfig, VectorIndex, priors_of, recall_against_exact
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,6 +81,7 @@ def main() -> None:
         qvecs = model.encode_text(queries).numpy()
         model.encode_text(queries[:1])  # warm-up
 
+    prior = priors_of(model.bank)[0]  # as `ldot index` builds it for this model
     rows = []
     for n in args.sizes:
         gallery = synthetic_gallery(real, n, args.noise)
@@ -94,7 +95,7 @@ def main() -> None:
         kinds.append(("HNSW32 efSearch=64", IndexConfig("HNSW32", ef_search=64)))
         for label, cfg in kinds:
             t0 = time.perf_counter()
-            index = VectorIndex.build(gallery, items, "scale", cfg)
+            index = VectorIndex.build(gallery, items, "scale", cfg, prior)
             build_s = time.perf_counter() - t0
             p50, p99, qps = time_queries(model, index, queries)
             if exact is None:
@@ -126,7 +127,13 @@ def main() -> None:
             f"Machine: {machine()}; commit {commit()}. {len(queries)} real Flickr8k val captions "
             f"as queries; galleries are the {len(real):,} real image vectors plus synthetic ones "
             f"(a real vector + Gaussian noise of norm {args.noise}, renormalised). "
-            "Latency: one query at a time, encode + search; throughput: all queries as one batch. "
+            f"Vectors: {model.cfg.vector_dim}-d"
+            + (
+                ", plus each item's query-bank prior (its cost is in the build time)"
+                if prior
+                else ""
+            )
+            + ". Latency: one query at a time, encode + search; throughput: all queries as one batch. "
             "Reproduce: `python benchmarks/search_scale.py`.",
             "",
             table(

@@ -42,7 +42,7 @@ from lightningdot.data import read_karpathy
 from lightningdot.errors import LightningDotError
 from lightningdot.evaluate import encode_region_batches, store_batches
 from lightningdot.features import FeatureStore
-from lightningdot.index import VectorIndex
+from lightningdot.index import VectorIndex, priors_of
 from lightningdot.io import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,8 +52,10 @@ def build_gallery(out: Path, data: Path, features: Path, size: int) -> None:
     """Write the index folder the server loads (kept in .cache, reused while the model and size
     are the same)."""
     model = load_model("default")
+    prior = priors_of(model.bank)[0]  # as `ldot index` builds it for this model
     try:
-        if len(VectorIndex.load(out / "images", index_identity(model))) == size:
+        cached = VectorIndex.load(out / "images", index_identity(model))
+        if len(cached) == size and (cached.prior is None) == (prior is None):
             return
     except LightningDotError:
         pass  # none yet, or made by another model
@@ -69,7 +71,8 @@ def build_gallery(out: Path, data: Path, features: Path, size: int) -> None:
     items = [{"id": r.key, "path": r.key, "captions": r.captions} for r in records]
     items += [{"id": f"random-{i}"} for i in range(len(noise))]
     identity = index_identity(model)
-    VectorIndex.build(torch.cat([real, noise]).numpy(), items, identity).save(out / "images")
+    gallery = torch.cat([real, noise]).numpy()
+    VectorIndex.build(gallery, items, identity, prior=prior).save(out / "images")
     meta = {"model": "default", "model_id": identity, "images": str((data / "images").resolve())}
     write_json(out / "retriever.json", {**meta, "features": str(features.resolve())})
 

@@ -24,6 +24,7 @@ def settings(train: dict) -> str:
         f"text layers tuned={m['text']['trainable_layers']}",
         f"[IMG]+mean={'yes' if m['image'].get('img_token_adds_mean') else 'no'}",
         f"region_keep={train.get('region_keep', 1.0)}",
+        f"pooled view={m.get('pooled_dim', 0) or 'no'}",
     ]
     w = train["objectives"]
     objectives = "+".join(k.upper() for k in ("vmlm", "smrm", "cmr") if w[k])
@@ -42,7 +43,9 @@ def main() -> None:
         cfg_path = run / "last" / "config.json"
         if not cfg_path.is_file():
             continue
-        train = json.loads(cfg_path.read_text())["train"]
+        train = json.loads(cfg_path.read_text()).get("train")
+        if not train or "objectives" not in train:
+            continue  # a re-ranker or `ldot align` run: not a bi-encoder recipe
         log = [json.loads(line) for line in log_path.read_text().splitlines()]
         curve = " ".join(f"{r['val']['ar']:.1f}" for r in log if "val" in r)
         done = f"{len(log)}/{train['epochs']}" + (

@@ -48,9 +48,9 @@ def test_centroids_are_unit_means_per_image():
     assert torch.allclose(got, torch.tensor([[0.5**0.5, 0.5**0.5], [0.0, 1.0]]))
 
 
-@pytest.fixture
-def teacher_dir(tmp_path):
-    m = BiEncoder(tiny_model_config())
+@pytest.fixture(params=[0, 8], ids=["transformer-view", "with-pooled-view"])
+def teacher_dir(tmp_path, request):
+    m = BiEncoder(tiny_model_config(pooled_dim=request.param))
     m.init_pretrained()
     save_model(tmp_path / "teacher", m.eval())
     return tmp_path / "teacher"

@@ -9,10 +9,11 @@ from lightningdot.checkpoint import load_model, save_model
 from lightningdot.config import ImageConfig, ModelConfig, TextConfig
 from lightningdot.encoders import BiEncoder
 from lightningdot.errors import ConfigMismatchError, DataError
+from lightningdot.features import FeatureStore
 
 
-def trained_model() -> BiEncoder:
-    m = BiEncoder(tiny_model_config())
+def trained_model(pooled_dim: int = 0) -> BiEncoder:
+    m = BiEncoder(tiny_model_config(pooled_dim=pooled_dim))
     m.init_pretrained()
     with torch.no_grad():
         for p in m.stored_state().values():
@@ -20,14 +21,17 @@ def trained_model() -> BiEncoder:
     return m.eval()
 
 
-def test_round_trip_reproduces_embeddings(tmp_path):
-    m = trained_model()
+@pytest.mark.parametrize("pooled_dim", [0, 8])
+def test_round_trip_reproduces_embeddings(tmp_path, store_dir, pooled_dim):
+    m = trained_model(pooled_dim)
     save_model(tmp_path / "m", m)
     loaded = load_model(tmp_path / "m")
+    regions = FeatureStore(store_dir).batch(["img00.png", "img01.png"])
     with torch.no_grad():
         assert torch.allclose(
             m.encode_text(["a red cat"]), loaded.encode_text(["a red cat"]), atol=1e-6
         )
+        assert torch.allclose(m.encode_image(regions), loaded.encode_image(regions), atol=1e-6)
 
 
 def test_packaged_weights_are_not_stored_and_fp16_round_trips(tmp_path):

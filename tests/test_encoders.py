@@ -7,9 +7,9 @@ from lightningdot.errors import DataError
 from lightningdot.features import FeatureStore
 
 
-@pytest.fixture
-def model():
-    m = BiEncoder(tiny_model_config())
+@pytest.fixture(params=[0, 8], ids=["transformer-view", "with-pooled-view"])
+def model(request):
+    m = BiEncoder(tiny_model_config(pooled_dim=request.param))
     m.init_pretrained()
     return m.eval()
 
@@ -42,6 +42,29 @@ def test_padding_regions_do_not_change_the_image_vector(model, store_dir):
     )
     with torch.no_grad():
         assert torch.allclose(model.encode_image(b), model.encode_image(padded), atol=1e-5)
+
+
+def test_pooled_view_joins_two_unit_views_whose_cosines_the_score_averages(store_dir):
+    from lightningdot.encoders import join_views
+
+    m = BiEncoder(tiny_model_config(pooled_dim=8)).eval()
+    regions = FeatureStore(store_dir).batch(["img00.png", "img01.png", "img02.png"])
+    regions = regions.to(torch.device("cpu"))  # fp16 storage -> fp32, as encode_image does
+    tokens = m.tokenize(["a red picture", "green", "a blue thing", "black"])
+    with torch.no_grad():
+        t_views = m.text.views(m.text(**tokens), tokens["attention_mask"])
+        i_views = m.image.views(m.image(regions), regions)
+        t, i = m.encode_text(tokens), m.encode_image(regions)
+    assert [v.shape[1] for v in t_views] == [v.shape[1] for v in i_views] == [16, 8]
+    assert t.shape == (4, m.cfg.vector_dim) and i.shape == (3, 24)
+    assert torch.allclose(t, join_views(t_views)) and torch.allclose(i, join_views(i_views))
+    assert torch.allclose(t.norm(dim=-1), torch.ones(4))
+    by_view = [tv @ iv.T for tv, iv in zip(t_views, i_views, strict=True)]
+    assert torch.allclose(m.score(t, i), (by_view[0] + by_view[1]) / 2, atol=1e-6)
+    # The pooled image view is a linear map of the mean region feature and nothing else.
+    mean = regions.features.mean(1)
+    want = torch.nn.functional.normalize(m.image.pooled(mean), dim=-1)
+    assert torch.allclose(i_views[1], want, atol=1e-6)
 
 
 def test_score_is_the_dot_product(model):

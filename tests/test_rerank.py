@@ -13,8 +13,10 @@ from lightningdot.encoders import BiEncoder
 from lightningdot.errors import ConfigMismatchError
 from lightningdot.evaluate import i2t_ranks, recall_metrics, reranked_metrics, t2i_ranks
 from lightningdot.features import FeatureStore
+from lightningdot.prior import QueryBank, hub_prior, make_bank
 from lightningdot.rerank import Reranker, evaluate_reranked, load_reranker, save_reranker
-from lightningdot.train_reranker import train_reranker
+from lightningdot.train import load_split
+from lightningdot.train_reranker import mine, train_reranker
 
 
 def tiny_reranker(seed: int = 0, fusion: float = 1.0) -> Reranker:
@@ -74,6 +76,40 @@ def test_rescoring_by_the_dot_product_changes_nothing():
         text, image, caption_image, 4, lambda q, c, dot: dot, lambda q, c, dot: dot
     )
     assert same == recall_metrics(text, image, caption_image)
+    bank = QueryBank(torch.randn(7, 8, generator=g), torch.randn(4, 8, generator=g), beta=3.0)
+    same = reranked_metrics(
+        text, image, caption_image, 4, lambda q, c, dot: dot, lambda q, c, dot: dot, bank
+    )
+    assert same == recall_metrics(text, image, caption_image, bank)
+
+
+def test_mined_negatives_are_the_top_wrong_answers_as_the_index_ranks_them(corpus_dir, store_dir):
+    bi = BiEncoder(tiny_model_config()).eval()
+    data = DataConfig(str(corpus_dir / "captions.json"), str(store_dir))
+    train = load_split(data, "train", FeatureStore(store_dir), soft_labels=False)
+    bi.bank = make_bank(bi, data.annotations, store_dir, "train", size=5, beta=4.0)
+    mined = mine(bi, train, k=3)
+    owner = train.corpus.caption_image
+    t2i = mined.text @ mined.image.T + hub_prior(mined.image, bi.bank.text, 4.0)
+    i2t = mined.image @ mined.text.T + hub_prior(mined.text, bi.bank.image, 4.0)
+    for c in range(len(owner)):  # one query at a time, own answers left out by hand
+        wrong = sorted(
+            (g for g in range(len(mined.image)) if g != owner[c]), key=lambda g: -t2i[c, g]
+        )
+        assert mined.hard_images[c].tolist() == wrong[:3]
+        assert torch.allclose(
+            mined.dot_t2i(torch.tensor([c]), mined.hard_images[c : c + 1]),
+            t2i[c, wrong[:3]],
+            atol=1e-6,
+        )
+    for g in range(len(mined.image)):
+        wrong = sorted((c for c in range(len(owner)) if owner[c] != g), key=lambda c: -i2t[g, c])
+        assert mined.hard_captions[g].tolist() == wrong[:3]
+        assert torch.allclose(
+            mined.dot_i2t(torch.tensor([g]), mined.hard_captions[g : g + 1]),
+            i2t[g, wrong[:3]],
+            atol=1e-6,
+        )
 
 
 def test_batched_cross_scores_equal_one_by_one(store_dir):

@@ -12,7 +12,7 @@ BUDGET_BYTES = 80 * 10**6  # all shipped weights of the project together
 
 def test_shipped_weights_are_half_precision_and_within_budget():
     weights_root = shipped_model_dir("default").parent
-    files = list(weights_root.glob("*/model.safetensors"))
+    files = list(weights_root.glob("*/*.safetensors"))  # weights and query banks
     assert len(files) >= 2, "the default model and its re-ranker ship in the package"
     assert sum(f.stat().st_size for f in files) <= BUDGET_BYTES
     for f in files:
@@ -29,6 +29,8 @@ def test_default_model_and_reranker_load_and_agree():
     with torch.inference_mode():
         t = model.encode_text(["a dog runs on the grass", "a plate of food on a table"])
     assert torch.allclose(t.norm(dim=-1), torch.ones(2), atol=1e-4)
+    assert model.bank is not None  # its indexes rank with the query-bank prior
+    assert model.bank.text.shape[1] == model.bank.image.shape[1] == model.cfg.vector_dim
     reranker = load_reranker("default", bi=model)  # refuses a bi-encoder it was not trained on
     assert reranker.bi is model
 

@@ -10,6 +10,7 @@ from lightningdot.config import DataConfig, ObjectiveWeights, TrainConfig, load_
 from lightningdot.encoders import BiEncoder
 from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.features import FeatureStore
+from lightningdot.objectives import cmr_loss
 from lightningdot.train import PretrainingModel, total_loss, train
 
 
@@ -41,8 +42,31 @@ def test_pretraining_step_returns_every_named_term_and_reaches_all_heads(store_d
     assert m.image.feature_embed[0].weight.grad is not None
 
 
-def test_finetune_learns_and_checkpoints(corpus_dir, store_dir, tmp_path):
-    cfg = recipe(corpus_dir, store_dir, epochs=6)
+def test_each_view_has_its_own_cmr_loss_and_temperature(store_dir):
+    cfg = TrainConfig(model=tiny_model_config(pooled_dim=8))
+    m = BiEncoder(cfg.model)
+    m.init_pretrained()
+    m.eval()  # no dropout, so the views below are the ones the losses saw
+    regions = FeatureStore(store_dir).batch(["img00.png", "img01.png", "img02.png"])
+    regions = regions.to(torch.device("cpu"))
+    tokens = m.tokenize(["a red picture", "green", "a blue thing"])
+    losses = PretrainingModel(m, cfg)(tokens, regions, torch.Generator().manual_seed(0))
+    assert set(losses) == {"cmr_t2i", "cmr_i2t", "cmr_pooled_t2i", "cmr_pooled_i2t"}
+    with torch.no_grad():
+        t_views = m.text.views(m.text(**tokens), tokens["attention_mask"])
+        i_views = m.image.views(m.image(regions), regions)
+    pooled = cmr_loss(t_views[1], i_views[1], m.pooled_logit_scale)
+    assert torch.allclose(losses["cmr_pooled_t2i"], pooled["cmr_t2i"])
+    want = sum(losses[k] for k in losses) / 2
+    assert torch.allclose(total_loss(losses, cfg), want)
+    total_loss(losses, cfg).backward()
+    assert m.pooled_logit_scale.grad is not None and m.logit_scale.grad is not None
+    assert m.image.pooled[1].weight.grad is not None and m.text.pooled_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("pooled_dim", [0, 8])
+def test_finetune_learns_and_checkpoints(corpus_dir, store_dir, tmp_path, pooled_dim):
+    cfg = recipe(corpus_dir, store_dir, epochs=6, model=tiny_model_config(pooled_dim=pooled_dim))
     best = train(cfg, tmp_path / "run", log=lambda m: None)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 6

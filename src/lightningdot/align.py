@@ -86,6 +86,7 @@ def student_config(cfg: AlignConfig, teacher: BiEncoder) -> ModelConfig:
         # The image weights are the teacher's, copied in; nothing to derive from the text side.
         image=dataclasses.replace(teacher.cfg.image, init_from_text=False),
         embed_dim=teacher.cfg.embed_dim,
+        pooled_dim=teacher.cfg.pooled_dim,
         backbone=teacher.cfg.backbone,
         dropout=teacher.cfg.dropout,
         shares_index_with=index_identity(teacher),
@@ -96,9 +97,12 @@ def make_student(cfg: AlignConfig, teacher: BiEncoder) -> BiEncoder:
     student = BiEncoder(student_config(cfg, teacher))
     student.init_pretrained()
     student.image.load_state_dict(teacher.image.state_dict())
-    student.logit_scale.data.copy_(teacher.logit_scale.data)
     student.image.requires_grad_(False)
-    student.logit_scale.requires_grad_(False)
+    # The student searches the teacher's indexes, whose priors come from the teacher's bank.
+    student.bank = teacher.bank
+    for mine, theirs in zip(student.logit_scales, teacher.logit_scales, strict=True):
+        mine.data.copy_(theirs.data)
+        mine.requires_grad_(False)
     return student
 
 
@@ -159,7 +163,9 @@ def evaluate_languages(student: BiEncoder, split: Split) -> dict:
     was = student.training
     student.eval()
     per = {
-        lang: recall_metrics(encode_texts(student, c.captions), split.images, c.caption_image)
+        lang: recall_metrics(
+            encode_texts(student, c.captions), split.images, c.caption_image, student.bank
+        )
         for lang, c in zip(split.languages, split.corpora, strict=True)
     }
     student.train(was)
@@ -190,7 +196,7 @@ def align(
 
     optimizer = adamw(
         student,
-        lambda name: cfg.head_lr if name.startswith("text.proj") else cfg.lr,
+        lambda name: cfg.head_lr if name.startswith(("text.proj", "text.pooled_proj")) else cfg.lr,
         cfg.weight_decay,
     )
     params = [p for p in student.parameters() if p.requires_grad]

@@ -23,7 +23,7 @@ import torch
 from lightningdot.data import Corpus
 from lightningdot.evaluate import encode_region_batches, encode_texts, recall_metrics
 from lightningdot.features import RegionBatch
-from lightningdot.index import VectorIndex
+from lightningdot.index import VectorIndex, priors_of
 from lightningdot.rerank import Reranker, evaluate_reranked
 
 
@@ -63,7 +63,8 @@ def run_bench(
     """Time the three ways of answering a text query over the corpus's images (see module doc)."""
     bi = reranker.eval().bi
     vectors = encode_region_batches(bi, regions.chunks(256)).numpy()
-    index = VectorIndex.build(vectors, [{"id": k} for k in corpus.keys()], "bench")
+    items = [{"id": k} for k in corpus.keys()]
+    index = VectorIndex.build(vectors, items, "bench", prior=priors_of(bi.bank)[0])
     k = min(rerank_k, len(index))
     rng = np.random.default_rng(0)
     pool = corpus.captions
@@ -107,7 +108,9 @@ def run_bench(
     )
     if with_recall:
         text = encode_texts(bi, corpus.captions)
-        report.recall["dot"] = recall_metrics(text, torch.from_numpy(vectors), corpus.caption_image)
+        report.recall["dot"] = recall_metrics(
+            text, torch.from_numpy(vectors), corpus.caption_image, bi.bank
+        )
         report.recall["dot_rerank"] = evaluate_reranked(
             reranker, corpus.captions, corpus.caption_image, regions, k
         )

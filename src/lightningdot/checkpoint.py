@@ -1,4 +1,5 @@
-"""Model folders: `config.json` + `model.safetensors` holding only what training changed.
+"""Model folders: `config.json` + `model.safetensors` holding only what training changed, and
+`bank.safetensors` when the model has a query bank (`lightningdot.prior`).
 
 The pretrained parts are rebuilt from their PyPI packages (checked by hash), so a shipped model
 stores just its trained parameters. Names such as "default" resolve to folders inside the package.
@@ -21,6 +22,7 @@ from lightningdot.config import ModelConfig, from_dict, to_dict
 from lightningdot.encoders import BiEncoder
 from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.io import write_json, write_safetensors
+from lightningdot.prior import QueryBank
 
 FORMAT = 1
 SHIPPED = ("default", "multilingual")
@@ -48,13 +50,44 @@ def save_model(
     dtype: torch.dtype = torch.float32,
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write the model's config and trained parameters, each file atomically."""
+    """Write the model's config, trained parameters and query bank, each file atomically."""
     folder = Path(folder)
     state = {k: v.to(dtype) for k, v in model.stored_state().items()}
     write_safetensors(folder / "model.safetensors", state, metadata={"format": str(FORMAT)})
-    write_json(
-        folder / "config.json", {"format": FORMAT, "model": to_dict(model.cfg), **(extra or {})}
-    )
+    meta = {"format": FORMAT, "model": to_dict(model.cfg), **(extra or {})}
+    meta.pop("bank", None)
+    bank = save_bank(folder, model.bank, dtype)
+    write_json(folder / "config.json", meta | ({"bank": bank} if bank else {}))
+
+
+def save_bank(folder: Path, bank: QueryBank | None, dtype: torch.dtype) -> dict[str, Any] | None:
+    """Write (or, for None, remove) a model folder's bank file; return its `config.json` entry.
+
+    The file goes first: until `config.json` names it, a new bank file is ignored.
+    """
+    path = Path(folder) / "bank.safetensors"
+    if bank is None:
+        path.unlink(missing_ok=True)
+        return None
+    tensors = {"text": bank.text.to(dtype), "image": bank.image.to(dtype)}
+    write_safetensors(path, tensors, metadata={"format": str(FORMAT)})
+    return {"beta": bank.beta, **bank.source}
+
+
+def load_bank(folder: Path, meta: dict[str, Any], dim: int) -> QueryBank | None:
+    """The query bank of a model folder, or None when it has none."""
+    if "bank" not in meta:
+        return None
+    path = folder / "bank.safetensors"
+    try:
+        with safe_open(path, framework="pt") as f:
+            text, image = f.get_tensor("text").float(), f.get_tensor("image").float()
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise DataError(f"damaged or missing query bank {path}: {e}") from e
+    if text.shape[1:] != (dim,) or image.shape[1:] != (dim,):
+        raise ConfigMismatchError(f"{path} holds vectors of another size than the model's {dim}")
+    source = {k: v for k, v in meta["bank"].items() if k != "beta"}
+    return QueryBank(text, image, float(meta["bank"]["beta"]), source)
 
 
 def read_config_json(folder: Path, key: str, what: str = "model") -> dict[str, Any]:
@@ -123,8 +156,9 @@ def index_identity(model: BiEncoder) -> str:
 def load_model(name_or_path: str | os.PathLike[str] | None = "default") -> BiEncoder:
     """Build a BiEncoder from a shipped name or a model folder, in eval mode, on the CPU."""
     folder = resolve_model(name_or_path)
-    cfg, _ = read_model_config(folder)
+    cfg, meta = read_model_config(folder)
     model = BiEncoder(cfg)
     model.init_pretrained()
     load_state_into(model, folder / "model.safetensors")
+    model.bank = load_bank(folder, meta, cfg.vector_dim)
     return model.eval()

@@ -146,6 +146,46 @@ def finetune(
 
 
 @app.command()
+def bank(
+    model: Annotated[
+        Path, typer.Argument(help="Model folder to give a bank (e.g. runs/NAME/best).")
+    ],
+    annotations: Annotated[Path, typer.Option(help="Karpathy-format file the model trained on.")],
+    features: Annotated[Path, typer.Option(help="Feature store of its images.")],
+    split: Annotated[
+        str, typer.Option(help="Split to draw the bank from (not one you evaluate on).")
+    ] = "train",
+    size: Annotated[int, typer.Option(help="Captions, and images, in the bank.")] = 2000,
+    beta: Annotated[
+        float, typer.Option(help="Inverse temperature of the inverted softmax.")
+    ] = 10.0,
+    seed: Annotated[int, typer.Option(help="Seed of the draw.")] = 0,
+) -> None:
+    """Give a model a query bank: indexes it builds then rank by dot product plus a per-item prior
+    that discounts hubs (an inverted softmax over the bank; see `lightningdot.prior`)."""
+    import json
+
+    import torch
+
+    from lightningdot.checkpoint import load_model, save_bank
+    from lightningdot.io import write_json
+    from lightningdot.prior import make_bank
+
+    with user_errors():
+        if not (model / "config.json").is_file():
+            raise LightningDotError(f"not a model folder (no config.json): {model}")
+        net = load_model(model)
+        made = make_bank(net, annotations, features, split, size, beta, seed)
+        meta = json.loads((model / "config.json").read_text())
+        meta["bank"] = save_bank(model, made, torch.float32)
+        write_json(model / "config.json", meta)
+        console.print(
+            f"wrote {model / 'bank.safetensors'}: {len(made.text)} captions and "
+            f"{len(made.image)} images of {annotations.name} [{split}], beta {beta:g}"
+        )
+
+
+@app.command()
 def align(
     recipe: Annotated[Path, typer.Argument(help="TOML recipe (see recipes/multilingual.toml).")],
     out: Annotated[Path, typer.Option(help="Run folder: best/, last/, log.jsonl.")],
@@ -201,6 +241,9 @@ def evaluate(
         str, typer.Option(help="Shipped re-ranker name or folder (with --rerank).")
     ] = "default",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics here.")] = None,
+    prior: Annotated[
+        bool, typer.Option(help="Rank with the model's query-bank prior, when it has one.")
+    ] = True,
 ) -> None:
     """Recall@1/5/10 both ways and AR of a model on one split."""
     from lightningdot.checkpoint import load_model
@@ -217,6 +260,8 @@ def evaluate(
         if not images.is_dir():
             raise LightningDotError(f"image folder not found: {images}")
         net = load_model(model)
+        if not prior:
+            net.bank = None
         cross = load_reranker(reranker, bi=net) if rerank else None
         keys = corpus.keys()
         with progress_bar() as bar:

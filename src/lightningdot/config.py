@@ -80,7 +80,12 @@ class ImageConfig:
 class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
-    embed_dim: int = 256  # size of the shared embedding space (the index dimension)
+    embed_dim: int = 256  # size of the transformer view of each global vector
+    # Size of a second, pooled view appended to each global vector: a linear map of the mean
+    # region feature (image side) and of the pooled text state (text side), trained by its own
+    # CMR loss. It is a shallow model that errs differently from the transformer view, so the
+    # two together rank better than either (see README); 0 = off.
+    pooled_dim: int = 0
     backbone: str = "efficientnet-lite2"  # makes image regions from pixels at query time
     dropout: float = 0.1
     # Identity of the model whose image encoder (copied, frozen) and embedding space this one
@@ -90,8 +95,15 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.embed_dim < 1:
             raise ValueError("embed_dim must be positive")
+        if self.pooled_dim < 0:
+            raise ValueError("pooled_dim must be 0 (off) or positive")
         if self.image.num_layers > self.text.size.num_layers and self.image.init_from_text:
             raise ValueError("init_from_text needs image.num_layers <= text layers")
+
+    @property
+    def vector_dim(self) -> int:
+        """Size of a global vector: the index dimension."""
+        return self.embed_dim + self.pooled_dim
 
 
 @dataclass
@@ -218,7 +230,7 @@ class AlignConfig:
     epochs: int = 6
     batch_size: int = 128  # images per step, each with one caption in every language
     lr: float = 1e-4  # the pretrained text layers
-    head_lr: float = 1e-3  # the new projection
+    head_lr: float = 1e-3  # the new projections (one per view)
     weight_decay: float = 0.01
     warmup: float = 0.05
     distill: float = 1.0  # weight of the distillation term against the contrastive ones

@@ -5,11 +5,17 @@
     regions  -> ImageEncoder -> [IMG] state -> projection -> image vector ┘
 
 Neither encoder sees the other modality, so image vectors can be computed once, offline.
+
+With `ModelConfig.pooled_dim`, each global vector is the concatenation of two unit "views",
+scaled to unit length: the transformer view above, and a pooled view (a linear map of the
+pooled text state; of the normalised mean region feature). Each view has its own CMR loss, and
+the score is still one dot product: the mean of the two views' cosines.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 
 import torch
@@ -22,6 +28,7 @@ from lightningdot.config import BertSize, ImageConfig, ModelConfig, TextConfig
 from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.features.regions import RegionBatch
 from lightningdot.pretrained import text_model_dir
+from lightningdot.prior import QueryBank
 
 DEFAULT_TOKENIZER = "all-minilm-l6-v2"
 
@@ -70,14 +77,25 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(text_model_dir(name))
 
 
+def join_views(views: list[torch.Tensor]) -> torch.Tensor:
+    """Unit vectors of each view -> one unit vector; a dot product of two joined vectors is the
+    mean of the views' dot products."""
+    if len(views) == 1:
+        return views[0]
+    return torch.cat(views, dim=-1) / math.sqrt(len(views))
+
+
 class TextEncoder(nn.Module):
     """A BERT-family encoder; its [CLS] output, projected, is the global text vector."""
 
-    def __init__(self, cfg: TextConfig, embed_dim: int, dropout: float = 0.1) -> None:
+    def __init__(
+        self, cfg: TextConfig, embed_dim: int, dropout: float = 0.1, pooled_dim: int = 0
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.bert = BertModel(bert_config(cfg.size, dropout), add_pooling_layer=False)
         self.proj = nn.Linear(cfg.size.hidden_size, embed_dim)
+        self.pooled_proj = nn.Linear(cfg.size.hidden_size, pooled_dim) if pooled_dim else None
 
     def load_pretrained(self) -> PreTrainedTokenizerBase | None:
         """Copy in the packaged weights named by the config (checked by hash); return their
@@ -117,6 +135,12 @@ class TextEncoder(nn.Module):
             return states[:, 0]
         return multilingual.mean_pool(states, attention_mask)
 
+    def views(self, states: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """(B, T, H) states -> a (B, ·) unit vector per view: transformer, then pooled if any."""
+        pooled = self.pool(states, attention_mask)
+        heads = [self.proj] if self.pooled_proj is None else [self.proj, self.pooled_proj]
+        return [F.normalize(head(pooled), dim=-1) for head in heads]
+
 
 class ImageEncoder(nn.Module):
     """A transformer over [IMG] + region tokens; the [IMG] output, projected, is the image vector.
@@ -126,7 +150,12 @@ class ImageEncoder(nn.Module):
     """
 
     def __init__(
-        self, cfg: ImageConfig, size: BertSize, embed_dim: int, dropout: float = 0.1
+        self,
+        cfg: ImageConfig,
+        size: BertSize,
+        embed_dim: int,
+        dropout: float = 0.1,
+        pooled_dim: int = 0,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -139,6 +168,12 @@ class ImageEncoder(nn.Module):
         layers = BertSize(h, cfg.num_layers, size.num_heads, size.intermediate_size, 1, 2)
         self.bert = BertModel(bert_config(layers, dropout), add_pooling_layer=False)
         self.proj = nn.Linear(h, embed_dim)
+        # LayerNorm rather than fixed feature statistics: nothing to estimate from a data set.
+        self.pooled = (
+            nn.Sequential(nn.LayerNorm(cfg.feature_dim), nn.Linear(cfg.feature_dim, pooled_dim))
+            if pooled_dim
+            else None
+        )
 
     def init_from_text(self, text_bert: BertModel) -> None:
         """Start from the text encoder's embeddings LayerNorm and its bottom layers."""
@@ -162,8 +197,7 @@ class ImageEncoder(nn.Module):
         b = tokens.shape[0]
         img = self.img_token.expand(b, -1).to(tokens.dtype)
         if self.cfg.img_token_adds_mean:
-            m = regions.mask.unsqueeze(-1).to(tokens.dtype)
-            img = img + (tokens * m).sum(1) / m.sum(1).clamp_min(1.0)
+            img = img + multilingual.mean_pool(tokens, regions.mask)
         tokens = torch.cat([img.unsqueeze(1), tokens], dim=1)
         mask = torch.cat([regions.mask.new_ones(b, 1), regions.mask], dim=1).long()
         zeros = torch.zeros_like(mask)
@@ -175,6 +209,13 @@ class ImageEncoder(nn.Module):
         )
         return out.last_hidden_state
 
+    def views(self, states: torch.Tensor, regions: RegionBatch) -> list[torch.Tensor]:
+        """(B, 1 + R, H) states of `regions` -> a (B, ·) unit vector per view."""
+        views = [self.proj(states[:, 0])]
+        if self.pooled is not None:
+            views.append(self.pooled(multilingual.mean_pool(regions.features, regions.mask)))
+        return [F.normalize(v, dim=-1) for v in views]
+
 
 class BiEncoder(nn.Module):
     """LightningDOT's dual encoder: `encode_text`, `encode_image`, `score`."""
@@ -182,12 +223,17 @@ class BiEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.text = TextEncoder(cfg.text, cfg.embed_dim, cfg.dropout)
-        self.image = ImageEncoder(cfg.image, cfg.text.size, cfg.embed_dim, cfg.dropout)
-        # exp(logit_scale) = 1 / temperature of CMR's softmax
+        self.text = TextEncoder(cfg.text, cfg.embed_dim, cfg.dropout, cfg.pooled_dim)
+        self.image = ImageEncoder(
+            cfg.image, cfg.text.size, cfg.embed_dim, cfg.dropout, cfg.pooled_dim
+        )
+        # exp(logit_scale) = 1 / temperature of CMR's softmax, one per view
         self.logit_scale = nn.Parameter(torch.tensor(0.0))
+        self.pooled_logit_scale = nn.Parameter(torch.tensor(0.0)) if cfg.pooled_dim else None
         self._tokenizer = None
         self._warned_truncation = False
+        # Typical queries of each kind, for indexes' query-bank priors (`ldot bank`); not weights.
+        self.bank: QueryBank | None = None
 
     def init_pretrained(self, temperature: float = 0.05) -> None:
         """Load packaged text weights, derive the image transformer from them, freeze as configured."""
@@ -195,7 +241,15 @@ class BiEncoder(nn.Module):
         if self.cfg.image.init_from_text:
             self.image.init_from_text(self.text.bert)
         self.text.freeze_lower()
-        self.logit_scale.data.fill_(torch.log(torch.tensor(1.0 / temperature)))
+        for scale in self.logit_scales:
+            scale.data.fill_(math.log(1.0 / temperature))
+
+    @property
+    def logit_scales(self) -> list[nn.Parameter]:
+        """CMR's log inverse temperature of each view, in the order of `views`."""
+        if self.pooled_logit_scale is None:
+            return [self.logit_scale]
+        return [self.logit_scale, self.pooled_logit_scale]
 
     @property
     def tokenizer(self):
@@ -234,21 +288,17 @@ class BiEncoder(nn.Module):
                 self._warned_truncation = True
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-    def encode_text(
-        self, texts: list[str] | dict[str, torch.Tensor], normalize: bool = True
-    ) -> torch.Tensor:
-        """Captions (strings or `tokenize` output) -> (B, E) text vectors."""
+    def encode_text(self, texts: list[str] | dict[str, torch.Tensor]) -> torch.Tensor:
+        """Captions (strings or `tokenize` output) -> (B, vector_dim) unit text vectors."""
         batch = self.tokenize(texts) if isinstance(texts, list) else texts
         device = self.logit_scale.device
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        vec = self.text.proj(self.text.pool(self.text(ids, mask), mask))
-        return F.normalize(vec, dim=-1) if normalize else vec
+        return join_views(self.text.views(self.text(ids, mask), mask))
 
-    def encode_image(self, regions: RegionBatch, normalize: bool = True) -> torch.Tensor:
-        """Regions of B images -> (B, E) image vectors."""
+    def encode_image(self, regions: RegionBatch) -> torch.Tensor:
+        """Regions of B images -> (B, vector_dim) unit image vectors."""
         regions = regions.to(self.logit_scale.device)
-        vec = self.image.proj(self.image(regions)[:, 0])
-        return F.normalize(vec, dim=-1) if normalize else vec
+        return join_views(self.image.views(self.image(regions), regions))
 
     @staticmethod
     def score(text_vectors: torch.Tensor, image_vectors: torch.Tensor) -> torch.Tensor:

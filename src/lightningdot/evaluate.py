@@ -20,6 +20,7 @@ from lightningdot.encoders import BiEncoder
 from lightningdot.errors import DataError
 from lightningdot.features import FeatureStore, collate_regions
 from lightningdot.features.backbones import Backbone, load_image
+from lightningdot.prior import QueryBank, gallery_side, hub_prior, query_side
 
 KS = (1, 5, 10)
 
@@ -55,19 +56,37 @@ def i2t_ranks(
     return torch.cat(out)
 
 
+def directed(
+    text: torch.Tensor, image: torch.Tensor, bank: QueryBank | None = None
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The (text, image) vectors each direction scores with: (t2i pair, i2t pair).
+
+    With a query bank, the gallery side of each direction carries its items' priors (images for
+    t2i, captions for i2t) and the query side a 1, as an index built with the bank stores them.
+    """
+    text, image = text.float(), image.float()
+    if bank is None:
+        return (text, image), (text, image)
+    images = gallery_side(image, hub_prior(image, bank.text, bank.beta))
+    captions = gallery_side(text, hub_prior(text, bank.image, bank.beta))
+    return (query_side(text), images), (captions, query_side(image))
+
+
 def recall_metrics(
-    text: torch.Tensor, image: torch.Tensor, caption_image: Sequence[int] | torch.Tensor
+    text: torch.Tensor,
+    image: torch.Tensor,
+    caption_image: Sequence[int] | torch.Tensor,
+    bank: QueryBank | None = None,
 ) -> dict:
-    """Recall@1/5/10 (percent) both ways and AR, in the JSON layout `ldot evaluate` writes."""
+    """Recall@1/5/10 (percent) both ways and AR, in the JSON layout `ldot evaluate` writes;
+    with `bank`, ranked by dot product + query-bank prior."""
     caption_image = torch.as_tensor(caption_image, dtype=torch.long)
     if len(text) != len(caption_image):
         raise ValueError("one image index per caption is needed")
     if len(image) == 0 or len(text) == 0:
         raise DataError("cannot evaluate without images and captions")
-    text, image = text.float(), image.float()
-    return metrics_from_ranks(
-        t2i_ranks(text, image, caption_image), i2t_ranks(text, image, caption_image)
-    )
+    t2i, i2t = directed(text, image, bank)
+    return metrics_from_ranks(t2i_ranks(*t2i, caption_image), i2t_ranks(*i2t, caption_image))
 
 
 def metrics_from_ranks(t2i: torch.Tensor, i2t: torch.Tensor) -> dict:
@@ -120,23 +139,25 @@ def reranked_metrics(
     k: int,
     rescore_t2i: Rescore,
     rescore_i2t: Rescore,
+    bank: QueryBank | None = None,
 ) -> dict:
-    """`recall_metrics` after re-ranking each query's top K with the given scorers."""
+    """`recall_metrics` after re-ranking each query's top K with the given scorers (whose dot
+    scores include the priors, with `bank`)."""
     caption_image = torch.as_tensor(caption_image, dtype=torch.long)
-    text, image = text.float(), image.float()
+    (t_text, t_image), (i_text, i_image) = directed(text, image, bank)
     t2i = reranked_ranks(
-        text,
-        image,
+        t_text,
+        t_image,
         lambda q, c: c == caption_image[q, None],
-        t2i_ranks(text, image, caption_image),
+        t2i_ranks(t_text, t_image, caption_image),
         k,
         rescore_t2i,
     )
     i2t = reranked_ranks(
-        image,
-        text,
+        i_image,
+        i_text,
         lambda q, c: caption_image[c] == q[:, None],
-        i2t_ranks(text, image, caption_image),
+        i2t_ranks(i_text, i_image, caption_image),
         k,
         rescore_i2t,
     )
@@ -194,4 +215,4 @@ class RetrievalEvaluator:
         t2 = time.perf_counter()
         model.train(was_training)
         self.timings = {"encode_images_s": t1 - t0, "encode_texts_s": t2 - t1}
-        return recall_metrics(text, image, self.corpus.caption_image)
+        return recall_metrics(text, image, self.corpus.caption_image, model.bank)

@@ -4,7 +4,8 @@ Layout of an index folder (written whole, atomically):
 
     index.faiss   the FAISS index (inner product); row i is items[i]
     items.json    one entry per vector: {"id", "path"?, "captions"?, ...}
-    index.json    {"format", "model_id", "dim", "count", "config": IndexConfig}
+    index.json    {"format", "model_id", "dim", "count", "config": IndexConfig, "prior"?}
+    bank.npy      with a query-bank prior (`lightningdot.prior`): the bank, (N, dim) float32
 
 Loading checks that the file, the items and the model agree, and refuses otherwise.
 """
@@ -18,10 +19,12 @@ from typing import Any
 
 import faiss
 import numpy as np
+import torch
 
 from lightningdot.config import from_dict
 from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.io import atomic_dir
+from lightningdot.prior import QueryBank, hub_prior
 
 FORMAT = 1
 
@@ -46,24 +49,66 @@ def _as_matrix(vectors: Any, dim: int | None = None) -> np.ndarray:
     return x
 
 
-class VectorIndex:
-    """Inner-product search over unit vectors, with the item behind each row."""
+@dataclass
+class IndexPrior:
+    """The query-bank prior of an index's items (`lightningdot.prior`)."""
 
-    def __init__(self, index: faiss.Index, items: list[dict], model_id: str, cfg: IndexConfig):
+    bank: np.ndarray  # (N, D) vectors of typical queries of this index
+    beta: float
+
+    def of(self, vectors: np.ndarray) -> np.ndarray:
+        """(G, D) item vectors -> (G, D + 1) with each item's prior last."""
+        prior = hub_prior(torch.from_numpy(vectors), torch.from_numpy(self.bank), self.beta)
+        return np.ascontiguousarray(np.hstack([vectors, prior.numpy()[:, None]]))
+
+
+def priors_of(bank: QueryBank | None) -> tuple[IndexPrior | None, IndexPrior | None]:
+    """A model's query bank -> the priors of (an image index, a caption index): images are
+    searched by text queries, captions by image queries."""
+    if bank is None:
+        return None, None
+    return IndexPrior(bank.text.float().numpy(), bank.beta), IndexPrior(
+        bank.image.float().numpy(), bank.beta
+    )
+
+
+class VectorIndex:
+    """Inner-product search over unit vectors, with the item behind each row.
+
+    With a prior, each row also holds its item's prior and each query gets a 1 in that place, so
+    the scores searched and returned are q·g + prior(g).
+    """
+
+    def __init__(
+        self,
+        index: faiss.Index,
+        items: list[dict],
+        model_id: str,
+        cfg: IndexConfig,
+        prior: IndexPrior | None = None,
+    ):
         if index.ntotal != len(items):
             raise DataError(f"index holds {index.ntotal} vectors but {len(items)} items")
         self.index, self.items, self.model_id, self.cfg = index, items, model_id, cfg
+        self.prior = prior
         self._rows: dict[str, int] | None = None  # id -> row, built on first lookup
         self._apply_search_params()
 
     @classmethod
     def build(
-        cls, vectors: Any, items: list[dict], model_id: str, cfg: IndexConfig | None = None
+        cls,
+        vectors: Any,
+        items: list[dict],
+        model_id: str,
+        cfg: IndexConfig | None = None,
+        prior: IndexPrior | None = None,
     ) -> VectorIndex:
         cfg = cfg or IndexConfig()
-        x = _as_matrix(vectors)
+        x = _as_matrix(vectors, None if prior is None else prior.bank.shape[1])
         if len(x) != len(items):
             raise ValueError(f"{len(x)} vectors for {len(items)} items")
+        if prior is not None:
+            x = prior.of(x)
         try:
             index = faiss.index_factory(x.shape[1], cfg.factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as e:
@@ -74,11 +119,12 @@ class VectorIndex:
             except RuntimeError as e:
                 raise DataError(f"training {cfg.factory!r} on {len(x)} vectors failed: {e}") from e
         index.add(x)
-        return cls(index, list(items), model_id, cfg)
+        return cls(index, list(items), model_id, cfg, prior)
 
     @property
     def dim(self) -> int:
-        return self.index.d
+        """Dimension of the vectors it takes (the prior's coordinate not counted)."""
+        return self.index.d - (self.prior is not None)
 
     def __len__(self) -> int:
         return self.index.ntotal
@@ -88,14 +134,16 @@ class VectorIndex:
         x = _as_matrix(vectors, self.dim)
         if len(x) != len(items):
             raise ValueError(f"{len(x)} vectors for {len(items)} items")
-        self.index.add(x)
+        self.index.add(x if self.prior is None else self.prior.of(x))
         self.items.extend(items)
         self._rows = None
 
     def copy(self) -> VectorIndex:
         """An independent in-memory copy (of a memory-mapped index too), to grow while the
         original keeps answering searches."""
-        return VectorIndex(faiss.clone_index(self.index), list(self.items), self.model_id, self.cfg)
+        return VectorIndex(
+            faiss.clone_index(self.index), list(self.items), self.model_id, self.cfg, self.prior
+        )
 
     def row(self, item_id: str) -> int | None:
         """The row of the item with this id, or None."""
@@ -106,6 +154,8 @@ class VectorIndex:
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(Q, D) queries -> (Q, k') scores and row ids, best first; k' = min(k, len(self))."""
         q = _as_matrix(queries, self.dim)
+        if self.prior is not None:
+            q = np.ascontiguousarray(np.hstack([q, np.ones((len(q), 1), np.float32)]))
         k = max(1, min(k, len(self)))
         return self.index.search(q, k)
 
@@ -128,6 +178,9 @@ class VectorIndex:
                 "count": len(self),
                 "config": asdict(self.cfg),
             }
+            if self.prior is not None:
+                meta["prior"] = {"beta": self.prior.beta, "bank": len(self.prior.bank)}
+                np.save(tmp / "bank.npy", self.prior.bank.astype(np.float32))
             (tmp / "index.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -165,12 +218,24 @@ class VectorIndex:
                 index = faiss.read_index(path)  # an index type FAISS cannot map
         except RuntimeError as e:
             raise DataError(f"damaged or truncated index file {path}: {e}") from e
-        if index.d != meta["dim"] or index.ntotal != meta["count"]:
+        prior = None
+        if "prior" in meta:
+            try:
+                bank = np.load(folder / "bank.npy")
+            except (OSError, ValueError) as e:
+                raise DataError(f"damaged or missing query bank {folder / 'bank.npy'}: {e}") from e
+            if bank.shape != (meta["prior"]["bank"], meta["dim"]):
+                raise DataError(
+                    f"{folder}: bank.npy is {bank.shape}, index.json says "
+                    f"({meta['prior']['bank']}, {meta['dim']})"
+                )
+            prior = IndexPrior(bank.astype(np.float32), float(meta["prior"]["beta"]))
+        if index.d != meta["dim"] + (prior is not None) or index.ntotal != meta["count"]:
             raise DataError(
-                f"{folder}: index.faiss has {index.ntotal} x {index.d}, "
-                f"index.json says {meta['count']} x {meta['dim']}"
+                f"{folder}: index.faiss has {index.ntotal} x {index.d}, index.json says "
+                f"{meta['count']} x {meta['dim']}{' + prior' if prior is not None else ''}"
             )
-        return cls(index, items, meta["model_id"], from_dict(IndexConfig, meta["config"]))
+        return cls(index, items, meta["model_id"], from_dict(IndexConfig, meta["config"]), prior)
 
 
 def recall_against_exact(

@@ -296,7 +296,13 @@ def evaluate_reranked(
     weights = list(fusions) if fusions is not None else [reranker.cfg.fusion]
     results = {
         w: reranked_metrics(
-            text_vecs, image_vecs, caption_image, k, partial(t2i, fusion=w), partial(i2t, fusion=w)
+            text_vecs,
+            image_vecs,
+            caption_image,
+            k,
+            partial(t2i, fusion=w),
+            partial(i2t, fusion=w),
+            bi.bank,
         )
         for w in weights
     }

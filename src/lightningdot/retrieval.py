@@ -37,7 +37,7 @@ from lightningdot.features import (
     create_backbone,
     load_image,
 )
-from lightningdot.index import IndexConfig, VectorIndex, recall_against_exact
+from lightningdot.index import IndexConfig, VectorIndex, priors_of, recall_against_exact
 from lightningdot.io import atomic_path, write_json
 from lightningdot.rerank import Reranker, load_reranker
 
@@ -118,18 +118,24 @@ def build_index(
 
     With an approximate factory, also measures recall@10 of the image index against exact search
     on up to `recall_sample` queries (the captions when known, else the images themselves).
+    A model with a query bank gives both indexes its priors.
     """
     cfg = cfg or IndexConfig()
     identity = index_identity(model)
+    image_prior, caption_prior = priors_of(model.bank)
     vectors = _encode_collection(model, corpus, images, features, on_progress).numpy()
-    report = BuildReport({"images": VectorIndex.build(vectors, _items(corpus), identity, cfg)})
+    report = BuildReport(
+        {"images": VectorIndex.build(vectors, _items(corpus), identity, cfg, image_prior)}
+    )
     queries = vectors
     if corpus.captions:
         text = encode_texts(model, corpus.captions).numpy()
-        report.indexes["captions"] = VectorIndex.build(text, _caption_items(corpus), identity, cfg)
+        report.indexes["captions"] = VectorIndex.build(
+            text, _caption_items(corpus), identity, cfg, caption_prior
+        )
         queries = text
     if cfg.factory != "Flat":
-        exact = VectorIndex.build(vectors, _items(corpus), identity)
+        exact = VectorIndex.build(vectors, _items(corpus), identity, prior=image_prior)
         sample = queries[np.random.default_rng(0).permutation(len(queries))[:recall_sample]]
         report.recall_at_10 = recall_against_exact(report.indexes["images"], exact, sample, 10)
         report.recall_queries = len(sample)
@@ -248,7 +254,11 @@ class Retriever:
                 text, caption_items = captions
                 if self.captions is None:
                     grown_captions = VectorIndex.build(
-                        text, caption_items, images.model_id, images.cfg
+                        text,
+                        caption_items,
+                        images.model_id,
+                        images.cfg,
+                        priors_of(self.model.bank)[1],
                     )
                 else:
                     grown_captions = self.captions.copy()

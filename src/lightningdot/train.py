@@ -59,6 +59,10 @@ def gather_across_ranks(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_fn.all_gather(x))
 
 
+# Loss-term prefix of each view's CMR, in the order of `BiEncoder.logit_scales`.
+CMR_VIEWS = ("cmr", "cmr_pooled")
+
+
 class PretrainingModel(nn.Module):
     """The bi-encoder plus the pre-training heads; `forward` returns the named loss terms.
 
@@ -97,21 +101,23 @@ class PretrainingModel(nn.Module):
         image_states = image(regions)  # (B, 1+R, H)
         losses: dict[str, torch.Tensor] = {}
         if w.cmr:
-            t = nn.functional.normalize(text.proj(text.pool(text_states, att)), dim=-1)
-            i = nn.functional.normalize(image.proj(image_states[:, 0]), dim=-1)
-            hard = None
+            hard = [None] * len(self.model.logit_scales)
             if hard_negatives is not None:
                 k = len(hard_negatives) // len(regions)
-                hard = nn.functional.normalize(image.proj(image(hard_negatives)[:, 0]), dim=-1)
-                hard = hard.view(len(regions), k, -1)
-            losses.update(
-                cmr_loss(
-                    gather_across_ranks(t),
-                    gather_across_ranks(i),
-                    self.model.logit_scale,
-                    None if hard is None else gather_across_ranks(hard),
-                )
+                views = image.views(image(hard_negatives), hard_negatives)
+                hard = [gather_across_ranks(v.view(len(regions), k, -1)) for v in views]
+            scales = self.model.logit_scales
+            per_view = zip(
+                CMR_VIEWS[: len(scales)],
+                text.views(text_states, att),
+                image.views(image_states, regions),
+                hard,
+                scales,
+                strict=True,
             )
+            for name, t, i, h, scale in per_view:
+                terms = cmr_loss(gather_across_ranks(t), gather_across_ranks(i), scale, h)
+                losses.update({name + key.removeprefix("cmr"): v for key, v in terms.items()})
         if w.vmlm:
             tok = self.model.tokenizer
             special = (ids == tok.cls_token_id) | (ids == tok.sep_token_id) | (att == 0)
@@ -150,8 +156,9 @@ def total_loss(losses: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tenso
     """Sum the named terms, each objective weighted and its terms averaged where paired."""
     w = cfg.objectives
     total = torch.zeros((), device=next(iter(losses.values())).device)
-    if "cmr_t2i" in losses:
-        total = total + w.cmr * (losses["cmr_t2i"] + losses["cmr_i2t"]) / 2
+    for view in CMR_VIEWS:
+        if f"{view}_t2i" in losses:
+            total = total + w.cmr * (losses[f"{view}_t2i"] + losses[f"{view}_i2t"]) / 2
     if "vmlm" in losses:
         total = total + w.vmlm * losses["vmlm"]
     if "smrm_mrfr" in losses:
@@ -321,8 +328,10 @@ def train(
         require_same(cfg.model, init_cfg, f"init_from checkpoint {cfg.init_from}")
         load_state_into(model, Path(cfg.init_from) / "model.safetensors")
         if not cfg.learn_temperature:
-            model.logit_scale.data.fill_(math.log(1.0 / cfg.temperature))
-    model.logit_scale.requires_grad_(cfg.learn_temperature)
+            for scale in model.logit_scales:
+                scale.data.fill_(math.log(1.0 / cfg.temperature))
+    for scale in model.logit_scales:
+        scale.requires_grad_(cfg.learn_temperature)
     module = PretrainingModel(model, cfg).to(device)
     wrapped: nn.Module = module
     if world_size > 1:
@@ -390,7 +399,8 @@ def train(
                 loss, losses, optimizer, scheduler, module.parameters(), cfg.grad_clip, sums
             )
             with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100.0))
+                for scale in model.logit_scales:
+                    scale.clamp_(0, math.log(100.0))
             if on_step and rank == 0:
                 on_step(epoch, step, steps_per_epoch, values)
         seconds = time.perf_counter() - t0
@@ -400,7 +410,7 @@ def train(
             "seconds": round(seconds, 2),
             "pairs_per_s": round(steps_per_epoch * cfg.batch_size * world_size / seconds, 2),
             "loss": {k: round(v / steps_per_epoch, 5) for k, v in sums.items()},
-            "temperature": round(1.0 / float(model.logit_scale.detach().exp()), 5),
+            "temperature": [round(1.0 / float(s.detach().exp()), 5) for s in model.logit_scales],
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
         if device.type == "cuda":

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from lightningdot.evaluate import encode_region_batches, encode_texts
 from lightningdot.features import FeatureStore
 from lightningdot.io import atomic_dir
 from lightningdot.objectives import itm_loss
+from lightningdot.prior import hub_prior
 from lightningdot.rerank import Reranker, evaluate_reranked, gallery_states, save_reranker
 from lightningdot.train import (
     TrainData,
@@ -37,20 +39,47 @@ from lightningdot.train import (
 )
 
 
+@dataclass
+class Mined:
+    text: torch.Tensor  # (C, E) the bi-encoder's caption vectors
+    image: torch.Tensor  # (G, E) its image vectors
+    image_prior: torch.Tensor  # (G,) query-bank prior of each image (zeros without a bank)
+    caption_prior: torch.Tensor  # (C,) and of each caption
+    hard_images: torch.Tensor  # (C, k) its top-k wrong images per caption
+    hard_captions: torch.Tensor  # (G, k) its top-k wrong captions per image
+
+    def dot_t2i(self, captions: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """The bi-encoder's scores, as its index returns them: (B,) captions x (B, n) images."""
+        return (self.text[captions, None] * self.image[images]).sum(-1) + self.image_prior[images]
+
+    def dot_i2t(self, images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        """(B,) images x (B, n) captions."""
+        dot = (self.text[captions] * self.image[images, None]).sum(-1)
+        return dot + self.caption_prior[captions]
+
+
 @torch.inference_mode()
-def mine(bi: BiEncoder, data: TrainData, k: int):
-    """The bi-encoder's vectors of every caption (C, E) and image (G, E), and its top-k wrong
-    answers: images per caption (C, k) and captions per image (G, k)."""
-    captions = data.corpus.captions
+def mine(bi: BiEncoder, data: TrainData, k: int) -> Mined:
+    """The bi-encoder's vectors and its top-k wrong answers, ranked as its indexes rank."""
     owner = torch.as_tensor(data.corpus.caption_image)
-    text = encode_texts(bi, captions)
+    text = encode_texts(bi, data.corpus.captions)
     image = encode_region_batches(bi, data.regions.chunks(256))
-    scores = text @ image.T  # (C, G)
-    wrong_images = scores.masked_fill(owner[:, None] == torch.arange(len(image)), float("-inf"))
-    own_caption = owner[None, :] == torch.arange(len(image))[:, None]  # (G, C)
-    wrong_captions = scores.T.masked_fill(own_caption, float("-inf"))
-    hard_images = wrong_images.topk(k, dim=1).indices
-    return text, image, hard_images, wrong_captions.topk(k, dim=1).indices
+    image_prior, caption_prior = torch.zeros(len(image)), torch.zeros(len(text))
+    if bi.bank is not None:
+        image_prior = hub_prior(image, bi.bank.text, bi.bank.beta)
+        caption_prior = hub_prior(text, bi.bank.image, bi.bank.beta)
+    dot = text @ image.T  # (C, G)
+    own = owner[:, None] == torch.arange(len(image))
+    wrong_images = (dot + image_prior).masked_fill(own, float("-inf"))
+    wrong_captions = (dot + caption_prior[:, None]).masked_fill(own, float("-inf")).T
+    return Mined(
+        text,
+        image,
+        image_prior,
+        caption_prior,
+        wrong_images.topk(k, dim=1).indices,
+        wrong_captions.topk(k, dim=1).indices,
+    )
 
 
 def sample_columns(pool: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -79,7 +108,7 @@ def train_reranker(
     val = load_split(cfg.data, cfg.data.val_split, store, False) if cfg.data.val_split else None
 
     log("mining hard negatives with the bi-encoder")
-    text_vecs, image_vecs, hard_images, hard_captions = mine(bi, train, cfg.mine_from)
+    mined = mine(bi, train, cfg.mine_from)
     states, masks = gallery_states(reranker, train.regions)  # the bi-encoder is frozen
 
     n_images = len(train.corpus.images)
@@ -106,7 +135,9 @@ def train_reranker(
             cap = first_caption[img] + (torch.rand(len(img), generator=gen) * counts).long()
             n = cfg.negatives + 1
             # text -> image: the caption against its image and n - 1 confusable images
-            cand_img = torch.cat([img[:, None], sample_columns(hard_images[cap], n - 1, gen)], 1)
+            cand_img = torch.cat(
+                [img[:, None], sample_columns(mined.hard_images[cap], n - 1, gen)], 1
+            )
             ts, tm = reranker.text_states([captions[c] for c in cap.tolist()])
             flat = cand_img.flatten()
             t2i = reranker.cross_scores(
@@ -114,15 +145,18 @@ def train_reranker(
                 (states[flat], masks[flat]),
             ).view(-1, n)
             # image -> text: the image against that caption and n - 1 confusable captions
-            cand_cap = torch.cat([cap[:, None], sample_columns(hard_captions[img], n - 1, gen)], 1)
+            cand_cap = torch.cat(
+                [cap[:, None], sample_columns(mined.hard_captions[img], n - 1, gen)], 1
+            )
             cs, cm = reranker.text_states([captions[c] for c in cand_cap.flatten().tolist()])
             i2t = reranker.cross_scores(
                 (cs, cm), (states[img].repeat_interleave(n, 0), masks[img].repeat_interleave(n, 0))
             ).view(-1, n)
-            dot_t2i = (text_vecs[cap, None] * image_vecs[cand_img]).sum(-1)
-            dot_i2t = (text_vecs[cand_cap] * image_vecs[img, None]).sum(-1)
             w = cfg.train_fusion
-            losses = itm_loss(reranker.fuse(t2i, dot_t2i, w), reranker.fuse(i2t, dot_i2t, w))
+            losses = itm_loss(
+                reranker.fuse(t2i, mined.dot_t2i(cap, cand_img), w),
+                reranker.fuse(i2t, mined.dot_i2t(img, cand_cap), w),
+            )
             loss = (losses["itm_t2i"] + losses["itm_i2t"]) / 2
             values = take_step(loss, losses, optimizer, scheduler, params, cfg.grad_clip, sums)
             if on_step:
