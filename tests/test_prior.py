@@ -13,7 +13,7 @@ from lightningdot.data import read_karpathy
 from lightningdot.encoders import BiEncoder
 from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.evaluate import metrics_from_ranks, recall_metrics
-from lightningdot.features import FeatureStore
+from lightningdot.features import FeatureStore, load_image
 from lightningdot.index import IndexConfig, IndexPrior, VectorIndex
 from lightningdot.prior import QueryBank, gallery_side, hub_prior, make_bank, query_side
 from lightningdot.retrieval import Retriever, add_to_index, build_index
@@ -86,6 +86,11 @@ def test_index_with_a_prior_searches_adjusted_scores_and_gives_added_rows_theirs
     assert np.array_equal(ids, np.argsort(-ref, axis=1)[:, :5])
     assert np.allclose(scores, np.take_along_axis(ref, ids, 1), atol=1e-5)
 
+    plain = q @ x.T  # a query of another kind than the bank's: the dot product alone
+    scores, ids_plain = idx.search(q, 5, with_prior=False)
+    assert np.array_equal(ids_plain, np.argsort(-plain, axis=1)[:, :5])
+    assert np.allclose(scores, np.take_along_axis(plain, ids_plain, 1), atol=1e-5)
+
     idx.save(tmp_path / "ix")
     loaded = VectorIndex.load(tmp_path / "ix", "m")
     assert np.array_equal(loaded.search(q, 5)[1], ids) and loaded.prior.beta == 10.0
@@ -135,6 +140,14 @@ def test_index_of_a_model_with_a_bank_ranks_as_evaluation_does(corpus_dir, store
     want = (q @ images.T)[0] + hub_prior(images, m.bank.text, 10.0)
     assert [x.score for x in answer.results] == pytest.approx(
         sorted(want.tolist(), reverse=True), abs=1e-5
+    )
+    # Image -> similar images: the bank held text queries, so the dot product alone ranks.
+    photo = corpus_dir / "images" / corpus.keys()[0]
+    (similar,) = r.search_image([photo], k=4, target="images")
+    with torch.no_grad():
+        plain = (r.encode_images([load_image(photo)]) @ images.T)[0]
+    assert [x.score for x in similar.results] == pytest.approx(
+        sorted(plain.tolist(), reverse=True), abs=1e-5
     )
     # An added image gets its prior as it is added.
     train = read_karpathy(annotations, "train")

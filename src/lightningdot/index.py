@@ -151,11 +151,18 @@ class VectorIndex:
             self._rows = {it["id"]: i for i, it in enumerate(self.items)}
         return self._rows.get(item_id)
 
-    def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(Q, D) queries -> (Q, k') scores and row ids, best first; k' = min(k, len(self))."""
+    def search(
+        self, queries: Any, k: int, with_prior: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, D) queries -> (Q, k') scores and row ids, best first; k' = min(k, len(self)).
+
+        `with_prior=False` ranks by the dot product alone (a 0 where the prior's 1 would be),
+        for queries of another kind than the bank's, such as images against an image index.
+        """
         q = _as_matrix(queries, self.dim)
         if self.prior is not None:
-            q = np.ascontiguousarray(np.hstack([q, np.ones((len(q), 1), np.float32)]))
+            weight = np.full((len(q), 1), 1.0 if with_prior else 0.0, np.float32)
+            q = np.ascontiguousarray(np.hstack([q, weight]))
         k = max(1, min(k, len(self)))
         return self.index.search(q, k)
 

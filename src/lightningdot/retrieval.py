@@ -379,7 +379,9 @@ class Retriever:
         for t in targets:
             index, depth = indexes[t], rerank if t == "captions" else 0
             t1 = time.perf_counter()
-            scores, ids = index.search(vecs, max(k, depth))
+            # An image index's prior was drawn from text queries; image->image is a plain
+            # similarity.
+            scores, ids = index.search(vecs, max(k, depth), with_prior=t == "captions")
             t2 = time.perf_counter()
             timing = {"encode": encode_ms, "search": 1e3 * (t2 - t1)}
             answers = []
