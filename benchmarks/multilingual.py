@@ -57,21 +57,28 @@ def main() -> None:
             corpus = read_karpathy(args.data / file, "val")
             if images is None:  # the same images, in the same order, in both files
                 images = encode_region_batches(model, store_batches(store, corpus.keys()))
-            with torch.inference_mode():
-                m = recall_metrics(
-                    encode_texts(model, corpus.captions), images, corpus.caption_image, model.bank
+            text = encode_texts(model, corpus.captions)
+            rankings = [("dot + prior", model.bank), ("dot only", None)] if model.bank else []
+            for ranking, bank in rankings or [("dot only", None)]:
+                m = recall_metrics(text, images, corpus.caption_image, bank)
+                ars[name, lang, ranking] = m["ar"]
+                rows.append(
+                    [name, lang, ranking]
+                    + [f"{m[d][k]:.1f}" for d in ("t2i", "i2t") for k in ("r1", "r5", "r10")]
+                    + [f"{m['ar']:.1f}"]
                 )
-            ars[name, lang] = m["ar"]
-            rows.append(
-                [name, lang]
-                + [f"{m[d][k]:.1f}" for d in ("t2i", "i2t") for k in ("r1", "r5", "r10")]
-                + [f"{m['ar']:.1f}"]
-            )
-            print(rows[-1], flush=True)
-        rows[-1].append(f"{query_ms(model, '一只狗在草地上奔跑'):.1f}")
-        rows[-2].append(f"{query_ms(model, 'a dog runs on the grass'):.1f}")
+                print(rows[-1], flush=True)
+        ms = {
+            "English": query_ms(model, "a dog runs on the grass"),
+            "Chinese": query_ms(model, "一只狗在草地上奔跑"),
+        }
+        for row in rows:
+            if row[0] == name:
+                row.append(f"{ms[row[1]]:.1f}")
 
-    en, zh = ars[args.model, "English"], ars[args.model, "Chinese"]
+    shipped = "dot + prior" if (args.model, "English", "dot + prior") in ars else "dot only"
+    en, zh = ars[args.model, "English", shipped], ars[args.model, "Chinese", shipped]
+    en_default = ars["default", "English", shipped]
     lines = [
         "## Multilingual retrieval (Flickr8k val: English and native Chinese captions)",
         "",
@@ -86,6 +93,7 @@ def main() -> None:
             [
                 "model",
                 "captions",
+                "ranking",
                 "t2i R@1",
                 "R@5",
                 "R@10",
@@ -98,9 +106,13 @@ def main() -> None:
             rows,
         ),
         "",
-        f"- Chinese AR / English AR of `{args.model}`: {zh / en:.3f} (target >= 0.90).",
-        f"- English AR, `{args.model}` - `default`: {en - ars['default', 'English']:+.2f} "
+        f"- Chinese AR / English AR of `{args.model}`, {shipped} (as shipped): {zh / en:.3f} "
+        "(target >= 0.90).",
+        f"- English AR, `{args.model}` - `default`, {shipped}: {en - en_default:+.2f} "
         "(target: no more than 2 points below).",
+        "- `dot + prior` ranks with the query-bank prior both models ship (`multilingual` "
+        "carries `default`'s bank, so the priors in an index `default` built are its own); "
+        "`dot only` is `ldot evaluate --no-prior`.",
         "- No other language is measured: the data here has no honest captions in a third "
         "language, and machine-translated ones would measure the translator as much as the model.",
     ]
