@@ -206,3 +206,6 @@ def test_bank_command_and_evaluate_with_and_without_the_prior(corpus_dir, store_
     )
     r = runner.invoke(app, ["bank", str(tmp_path / "nope"), *common, "--features", str(store_dir)])
     assert r.exit_code == 2 and "not a model folder" in r.output
+    args = ["bank", str(tmp_path / "model"), *common, "--features", str(store_dir), "--beta", "0"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "--beta positive" in r.output and "Traceback" not in r.output

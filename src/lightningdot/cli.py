@@ -174,6 +174,8 @@ def bank(
     with user_errors():
         if not (model / "config.json").is_file():
             raise LightningDotError(f"not a model folder (no config.json): {model}")
+        if size < 1 or beta <= 0:
+            raise LightningDotError("--size must be at least 1 and --beta positive")
         net = load_model(model)
         made = make_bank(net, annotations, features, split, size, beta, seed)
         meta = json.loads((model / "config.json").read_text())
