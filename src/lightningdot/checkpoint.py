@@ -55,7 +55,6 @@ def save_model(
     state = {k: v.to(dtype) for k, v in model.stored_state().items()}
     write_safetensors(folder / "model.safetensors", state, metadata={"format": str(FORMAT)})
     meta = {"format": FORMAT, "model": to_dict(model.cfg), **(extra or {})}
-    meta.pop("bank", None)
     bank = save_bank(folder, model.bank, dtype)
     write_json(folder / "config.json", meta | ({"bank": bank} if bank else {}))
 

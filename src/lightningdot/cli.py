@@ -163,11 +163,9 @@ def bank(
 ) -> None:
     """Give a model a query bank: indexes it builds then rank by dot product plus a per-item prior
     that discounts hubs (an inverted softmax over the bank; see `lightningdot.prior`)."""
-    import json
-
     import torch
 
-    from lightningdot.checkpoint import load_model, save_bank
+    from lightningdot.checkpoint import load_model, read_model_config, save_bank
     from lightningdot.io import write_json
     from lightningdot.prior import make_bank
 
@@ -178,7 +176,7 @@ def bank(
             raise LightningDotError("--size must be at least 1 and --beta positive")
         net = load_model(model)
         made = make_bank(net, annotations, features, split, size, beta, seed)
-        meta = json.loads((model / "config.json").read_text())
+        _, meta = read_model_config(model)
         meta["bank"] = save_bank(model, made, torch.float32)
         write_json(model / "config.json", meta)
         console.print(
