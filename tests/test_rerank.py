@@ -7,14 +7,20 @@ import torch
 from conftest import tiny_model_config
 
 from lightningdot.checkpoint import load_model, save_model
-from lightningdot.config import DataConfig, RerankerConfig, RerankTrainConfig
+from lightningdot.config import BertSize, DataConfig, RerankerConfig, RerankTrainConfig
 from lightningdot.data import read_karpathy
 from lightningdot.encoders import BiEncoder
 from lightningdot.errors import ConfigMismatchError
 from lightningdot.evaluate import i2t_ranks, recall_metrics, reranked_metrics, t2i_ranks
 from lightningdot.features import FeatureStore
 from lightningdot.prior import QueryBank, hub_prior, make_bank
-from lightningdot.rerank import Reranker, evaluate_reranked, load_reranker, save_reranker
+from lightningdot.rerank import (
+    CrossEncoder,
+    Reranker,
+    evaluate_reranked,
+    load_reranker,
+    save_reranker,
+)
 from lightningdot.train import load_split
 from lightningdot.train_reranker import mine, train_reranker
 
@@ -126,6 +132,37 @@ def test_batched_cross_scores_equal_one_by_one(store_dir):
             ]
         )
     assert torch.allclose(batched, single, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_cross_encoder_equals_the_full_single_stream_transformer(num_layers):
+    """The fast path (first-token query in the last layer, keys and values once per item)
+    against BertModel run over each concatenated pair."""
+    torch.manual_seed(num_layers)
+    h = 32
+    cross = CrossEncoder(RerankerConfig(num_layers=num_layers), BertSize(h, 2, 4, 64, 64, 2))
+    cross.eval()
+    ts, is_ = torch.randn(3, 6, h), torch.randn(4, 5, h)
+    tm = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+    im = torch.tensor([[1] * 5, [1] * 3 + [0] * 2, [1] * 5, [1] * 4 + [0]])
+    t_idx, i_idx = torch.tensor([0, 2, 1, 1, 2, 0]), torch.tensor([3, 0, 1, 2, 2, 1])
+    with torch.no_grad():
+        got = cross(ts, tm, is_, im, t_idx, i_idx)
+        want = []
+        for t, i in zip(t_idx.tolist(), i_idx.tolist(), strict=True):
+            x = torch.cat([ts[t : t + 1], is_[i : i + 1]], 1)
+            mask = torch.cat([tm[t : t + 1], im[i : i + 1]], 1)
+            segment = torch.cat(
+                [torch.zeros_like(tm[t : t + 1]), torch.ones_like(im[i : i + 1])], 1
+            )
+            out = cross.bert(
+                inputs_embeds=x,
+                attention_mask=mask,
+                token_type_ids=segment,
+                position_ids=torch.zeros_like(mask),
+            ).last_hidden_state
+            want.append(cross.head(out[:, 0]).squeeze(-1))
+    assert torch.allclose(got, torch.cat(want), atol=1e-5)
 
 
 def test_rerank_images_fuses_cross_and_dot_scores(store_dir):

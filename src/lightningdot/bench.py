@@ -84,8 +84,10 @@ def run_bench(
     def cross_full(q: str):
         # The baseline has no index: the cross-attention model scores every image.
         cross = reranker.cross_scores(
-            tuple(x.expand(len(every), *x.shape[1:]) for x in reranker.text_states([q])),
+            reranker.text_states([q]),
             reranker.image_states(regions),
+            torch.zeros_like(every),
+            every,
         )
         return every[torch.argsort(cross, descending=True)[:10]]
 

@@ -61,24 +61,74 @@ class CrossEncoder(nn.Module):
         for mine, theirs in zip(self.bert.encoder.layer, top, strict=True):
             mine.load_state_dict(theirs.state_dict())
 
+    def embed(self, states: torch.Tensor, segment: int) -> torch.Tensor:
+        """(N, L, H) states of one modality -> the fusion layers' input embeddings."""
+        ids = torch.full(states.shape[:2], segment, dtype=torch.long, device=states.device)
+        return self.bert.embeddings(
+            inputs_embeds=states, token_type_ids=ids, position_ids=torch.zeros_like(ids)
+        )
+
     def forward(
         self,
         text_states: torch.Tensor,
         text_mask: torch.Tensor,
         image_states: torch.Tensor,
         image_mask: torch.Tensor,
+        text_index: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(N, T, H), (N, T), (N, 1 + R, H), (N, 1 + R) -> (N,) matching logits of N pairs."""
-        x = torch.cat([text_states, image_states], dim=1)
-        mask = torch.cat([text_mask, image_mask], dim=1).long()
-        segment = torch.cat([torch.zeros_like(text_mask), torch.ones_like(image_mask)], 1).long()
-        out = self.bert(
-            inputs_embeds=x,
-            attention_mask=mask,
-            token_type_ids=segment,
-            position_ids=torch.zeros_like(mask),
-        ).last_hidden_state
-        return self.head(out[:, 0]).squeeze(-1)
+        """Matching logits of P pairs (text_index[p], image_index[p]) of N captions
+        (N, T, H), (N, T) and M images (M, 1 + R, H), (M, 1 + R); by default N = M = P and
+        caption i goes with image i.
+
+        The head reads only the first token, so the last layer computes attention for that one
+        query. With a single layer, its keys and values are computed once per caption and
+        image rather than once per pair: a caption against K candidates costs little more than
+        the K images alone.
+        """
+        if text_index is None or image_index is None:
+            text_index = image_index = torch.arange(len(text_states), device=text_states.device)
+        t_ids, t_of = text_index.unique(return_inverse=True)
+        i_ids, i_of = image_index.unique(return_inverse=True)
+        t_mask = text_mask[t_ids]
+        width = int(t_mask.sum(1).max())  # padding beyond the longest caption is never read
+        t = self.embed(text_states[t_ids, :width], 0)
+        i = self.embed(image_states[i_ids], 1)
+        mask = torch.cat([t_mask[t_of, :width], image_mask[i_ids][i_of]], 1).bool()
+        *lower, last = self.bert.encoder.layer
+        if lower:
+            x = torch.cat([t[t_of], i[i_of]], 1)
+            for layer in lower:
+                x = self._layer(layer, x, *self._keys_values(layer, x), mask)
+            query, (k, v) = x[:, :1], self._keys_values(last, x)
+        else:
+            (tk, tv), (ik, iv) = self._keys_values(last, t), self._keys_values(last, i)
+            k = torch.cat([tk[t_of], ik[i_of]], 2)
+            v = torch.cat([tv[t_of], iv[i_of]], 2)
+            query = t[t_of, :1]
+        return self.head(self._layer(last, query, k, v, mask)[:, 0]).squeeze(-1)
+
+    @staticmethod
+    def _keys_values(layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, L, H) -> keys and values (N, heads, L, H / heads) of a BertLayer."""
+        att = layer.attention.self
+        split = (*x.shape[:2], -1, att.attention_head_size)
+        return att.key(x).view(split).transpose(1, 2), att.value(x).view(split).transpose(1, 2)
+
+    def _layer(self, layer, query, keys, values, mask) -> torch.Tensor:
+        """A BertLayer's output at `query` (P, Q, H) attending to given keys and values."""
+        att = layer.attention.self
+        q = att.query(query).view(*query.shape[:2], -1, att.attention_head_size).transpose(1, 2)
+        out = nn.functional.scaled_dot_product_attention(
+            q,
+            keys,
+            values,
+            attn_mask=mask[:, None, None, :],
+            dropout_p=att.dropout.p if self.training else 0.0,
+            scale=att.scaling,
+        )
+        h = layer.attention.output(out.transpose(1, 2).flatten(2), query)
+        return layer.output(layer.intermediate(h), h)
 
     def stored_state(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
@@ -115,23 +165,25 @@ class Reranker(nn.Module):
         mask = torch.cat([regions.mask.new_ones(len(regions), 1), regions.mask], dim=1)
         return self.bi.image(regions), mask
 
-    def cross_scores(self, text, image, chunk: int = 128) -> torch.Tensor:
-        """Matching logits of aligned pairs: text[i] with image[i], each a (states, mask) pair.
-
-        Padding is cut to the longest caption of each chunk, so long batches cost no more than
-        their captions need.
-        """
+    def cross_scores(
+        self,
+        text,
+        image,
+        text_index: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+        chunk: int = 512,
+    ) -> torch.Tensor:
+        """Matching logits of pairs (text_index[p], image_index[p]) of captions `text` and images
+        `image`, each a (states, mask) pair; by default text[i] goes with image[i]."""
         (ts, tm), (is_, im) = text, image
-        out = []
-        for s in range(0, len(ts), chunk):
-            tmc = tm[s : s + chunk]
-            width = int(tmc.sum(1).max())
-            out.append(
-                self.cross(
-                    ts[s : s + chunk, :width], tmc[:, :width], is_[s : s + chunk], im[s : s + chunk]
-                )
-            )
-        return torch.cat(out)
+        if text_index is None or image_index is None:
+            text_index = image_index = torch.arange(len(ts))
+        return torch.cat(
+            [
+                self.cross(ts, tm, is_, im, text_index[s : s + chunk], image_index[s : s + chunk])
+                for s in range(0, len(text_index), chunk)
+            ]
+        )
 
     def fuse(
         self, cross: torch.Tensor, dot: torch.Tensor, fusion: float | None = None
@@ -146,28 +198,28 @@ class Reranker(nn.Module):
     @torch.inference_mode()
     def rerank_images(self, text: str, candidates: RegionBatch, dot: torch.Tensor) -> torch.Tensor:
         """One caption and its K candidate images (with their dot scores) -> (K,) scores."""
-        ts, tm = self.text_states([text])
         k = len(candidates)
-        return self.fuse(
-            self.cross_scores(
-                (ts.expand(k, -1, -1), tm.expand(k, -1)), self.image_states(candidates)
-            ),
-            dot,
+        cross = self.cross_scores(
+            self.text_states([text]),
+            self.image_states(candidates),
+            torch.zeros(k, dtype=torch.long),
+            torch.arange(k),
         )
+        return self.fuse(cross, dot)
 
     @torch.inference_mode()
     def rerank_captions(
         self, image: RegionBatch, captions: list[str], dot: torch.Tensor
     ) -> torch.Tensor:
         """One image and its K candidate captions (with their dot scores) -> (K,) scores."""
-        is_, im = self.image_states(image)
         k = len(captions)
-        return self.fuse(
-            self.cross_scores(
-                self.text_states(captions), (is_.expand(k, -1, -1), im.expand(k, -1))
-            ),
-            dot,
+        cross = self.cross_scores(
+            self.text_states(captions),
+            self.image_states(image),
+            torch.arange(k),
+            torch.zeros(k, dtype=torch.long),
         )
+        return self.fuse(cross, dot)
 
 
 def shipped_reranker_dir(name: str) -> Path:
@@ -278,20 +330,16 @@ def evaluate_reranked(
     def t2i(q: torch.Tensor, cand: torch.Tensor, dot: torch.Tensor, fusion: float) -> torch.Tensor:
         key = ("t2i", int(q[0]))
         if key not in cache:
-            kk = cand.shape[1]
-            text = (ts[q].repeat_interleave(kk, 0), tm[q].repeat_interleave(kk, 0))
-            image = (is_[cand.flatten()], im[cand.flatten()])
-            cache[key] = reranker.cross_scores(text, image).view_as(dot)
-        return reranker.fuse(cache[key], dot, fusion)
+            texts = q.repeat_interleave(cand.shape[1])
+            cache[key] = reranker.cross_scores((ts, tm), (is_, im), texts, cand.flatten())
+        return reranker.fuse(cache[key].view_as(dot), dot, fusion)
 
     def i2t(q: torch.Tensor, cand: torch.Tensor, dot: torch.Tensor, fusion: float) -> torch.Tensor:
         key = ("i2t", int(q[0]))
         if key not in cache:
-            kk = cand.shape[1]
-            text = (ts[cand.flatten()], tm[cand.flatten()])
-            image = (is_[q].repeat_interleave(kk, 0), im[q].repeat_interleave(kk, 0))
-            cache[key] = reranker.cross_scores(text, image).view_as(dot)
-        return reranker.fuse(cache[key], dot, fusion)
+            images = q.repeat_interleave(cand.shape[1])
+            cache[key] = reranker.cross_scores((ts, tm), (is_, im), cand.flatten(), images)
+        return reranker.fuse(cache[key].view_as(dot), dot, fusion)
 
     weights = list(fusions) if fusions is not None else [reranker.cfg.fusion]
     results = {

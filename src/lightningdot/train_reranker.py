@@ -1,12 +1,14 @@
 """Training of the cross-attention re-ranker on hard negatives mined by the bi-encoder.
 
-Each step takes a batch of training images and one caption of each, and asks the re-ranker to
-pick, in both directions, the right answer among it and `negatives` wrong ones drawn from the
-bi-encoder's own top `mine_from`: exactly the confusions re-ranking exists to fix. The loss is
-on the cross logit plus `train_fusion` x the bi-encoder's logit, and the weight used at query
-time (`reranker.fusion`) can be chosen on val from `fusion_grid`. The bi-encoder's logit
-(dot / temperature) is large next to a cross logit that starts near zero; `train_fusion = 0`
-takes it out of training, so the cross-attention model has to rank on its own.
+An epoch goes once through the training captions. Each step takes a batch of them with their
+images, and asks the re-ranker to pick, in both directions, the right answer among it and
+`negatives` wrong ones drawn from the bi-encoder's own top `mine_from`: exactly the confusions
+re-ranking exists to fix. The bi-encoder is frozen, so the states the cross-encoder reads are
+computed once, before the first step. The loss is on the cross logit plus `train_fusion` x the
+bi-encoder's logit, and the weight used at query time (`reranker.fusion`) can be chosen on val
+from `fusion_grid`. The bi-encoder's logit (dot / temperature) is large next to a cross logit
+that starts near zero; `train_fusion = 0` takes it out of training, so the cross-attention
+model has to rank on its own.
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ from lightningdot.features import FeatureStore
 from lightningdot.io import atomic_dir
 from lightningdot.objectives import itm_loss
 from lightningdot.prior import hub_prior
-from lightningdot.rerank import Reranker, evaluate_reranked, gallery_states, save_reranker
+from lightningdot.rerank import (
+    Reranker,
+    caption_states,
+    evaluate_reranked,
+    gallery_states,
+    save_reranker,
+)
 from lightningdot.train import (
     TrainData,
     load_split,
@@ -109,48 +117,40 @@ def train_reranker(
 
     log("mining hard negatives with the bi-encoder")
     mined = mine(bi, train, cfg.mine_from)
-    states, masks = gallery_states(reranker, train.regions)  # the bi-encoder is frozen
+    images = gallery_states(reranker, train.regions)
+    captions = caption_states(reranker, train.corpus.captions)
 
-    n_images = len(train.corpus.images)
-    steps = max(1, n_images // cfg.batch_size)
+    owner = torch.as_tensor(train.corpus.caption_image)
+    steps = max(1, len(owner) // cfg.batch_size)
     params = [p for p in reranker.cross.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(steps * cfg.epochs, cfg.warmup)
     )
-    first_caption = torch.as_tensor([0] + [len(im.captions) for im in train.corpus.images]).cumsum(
-        0
-    )
-    captions = train.corpus.captions
+    n = cfg.negatives + 1
     best: dict = {"ar": -1.0}
     for epoch in range(cfg.epochs):
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        order = torch.randperm(n_images, generator=gen)
+        order = torch.randperm(len(owner), generator=gen)
         reranker.train()
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         for step in range(steps):
-            img = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            counts = torch.as_tensor([len(train.corpus.images[i].captions) for i in img.tolist()])
-            cap = first_caption[img] + (torch.rand(len(img), generator=gen) * counts).long()
-            n = cfg.negatives + 1
+            cap = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            img = owner[cap]
             # text -> image: the caption against its image and n - 1 confusable images
             cand_img = torch.cat(
                 [img[:, None], sample_columns(mined.hard_images[cap], n - 1, gen)], 1
             )
-            ts, tm = reranker.text_states([captions[c] for c in cap.tolist()])
-            flat = cand_img.flatten()
             t2i = reranker.cross_scores(
-                (ts.repeat_interleave(n, 0), tm.repeat_interleave(n, 0)),
-                (states[flat], masks[flat]),
+                captions, images, cap.repeat_interleave(n), cand_img.flatten()
             ).view(-1, n)
             # image -> text: the image against that caption and n - 1 confusable captions
             cand_cap = torch.cat(
                 [cap[:, None], sample_columns(mined.hard_captions[img], n - 1, gen)], 1
             )
-            cs, cm = reranker.text_states([captions[c] for c in cand_cap.flatten().tolist()])
             i2t = reranker.cross_scores(
-                (cs, cm), (states[img].repeat_interleave(n, 0), masks[img].repeat_interleave(n, 0))
+                captions, images, cand_cap.flatten(), img.repeat_interleave(n)
             ).view(-1, n)
             w = cfg.train_fusion
             losses = itm_loss(
