@@ -22,7 +22,7 @@ from lightningdot.rerank import (
     save_reranker,
 )
 from lightningdot.train import load_split
-from lightningdot.train_reranker import mine, train_reranker
+from lightningdot.train_reranker import drop_region_states, mine, train_reranker
 
 
 def tiny_reranker(seed: int = 0, fusion: float = 1.0) -> Reranker:
@@ -236,7 +236,8 @@ def test_save_load_round_trip_and_refusal(tmp_path):
     assert load_reranker(tmp_path / "rr", bi=bi).cfg == r.cfg
 
 
-def test_train_reranker_writes_checkpoints_and_a_log(corpus_dir, store_dir, tmp_path):
+@pytest.mark.parametrize("region_keep", [1.0, 0.5])
+def test_train_reranker_writes_checkpoints_and_a_log(corpus_dir, store_dir, tmp_path, region_keep):
     r = tiny_reranker()
     save_model(tmp_path / "bi", r.bi)
     cfg = RerankTrainConfig(
@@ -247,6 +248,7 @@ def test_train_reranker_writes_checkpoints_and_a_log(corpus_dir, store_dir, tmp_
         batch_size=4,
         negatives=2,
         mine_from=3,
+        region_keep=region_keep,
     )
     best = train_reranker(cfg, tmp_path / "run", log=lambda m: None, val_k=3)
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -335,3 +337,18 @@ def test_cli_evaluate_and_search_with_rerank(corpus_dir, store_dir, tmp_path):
     assert len(got["results"]) == 2 and "rerank" in got["timing_ms"]
     res = runner.invoke(app, [*search, "--rerank", "4", "--reranker", str(tmp_path / "nowhere")])
     assert res.exit_code == 2 and "nowhere" in res.output and "Traceback" not in res.output
+
+
+def test_drop_region_states_hides_regions_only():
+    mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4])
+    gen = torch.Generator().manual_seed(0)
+    dropped = drop_region_states(mask, 0.5, gen)
+    assert dropped[:, 0].tolist() == [1, 1]  # [IMG] is always seen
+    assert (dropped <= mask).all()  # padding stays padding
+    assert dropped.sum() < mask.sum()
+    assert torch.equal(drop_region_states(mask, 1.0, gen), mask)
+
+
+def test_reranker_recipe_rejects_a_region_keep_outside_0_1():
+    with pytest.raises(ValueError, match="region_keep"):
+        RerankTrainConfig(region_keep=0)

@@ -196,6 +196,9 @@ class RerankTrainConfig:
     # Fusion weights tried on val after each epoch: the best becomes `reranker.fusion`, the
     # weight used at query time. Empty keeps `reranker.fusion` as given.
     fusion_grid: list[float] = field(default_factory=list)
+    # Fraction of each image's region states a training pair sees ([IMG] always stays): the
+    # states are fixed, and the cross-encoder otherwise learns the 6,000 training images by heart.
+    region_keep: float = 1.0
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup: float = 0.05
@@ -210,6 +213,8 @@ class RerankTrainConfig:
             raise ValueError("need 1 <= negatives <= mine_from")
         if self.train_fusion < 0 or any(w < 0 for w in self.fusion_grid):
             raise ValueError("fusion weights must be >= 0")
+        if not 0 < self.region_keep <= 1:
+            raise ValueError("region_keep must be in (0, 1]")
 
 
 @dataclass

@@ -96,6 +96,15 @@ def sample_columns(pool: torch.Tensor, n: int, gen: torch.Generator) -> torch.Te
     return pool.gather(1, pick)
 
 
+def drop_region_states(mask: torch.Tensor, keep: float, gen: torch.Generator) -> torch.Tensor:
+    """Hide each region state with probability 1 - keep: (N, 1 + R) mask -> mask. [IMG] stays."""
+    if keep == 1:
+        return mask
+    kept = torch.rand(mask.shape, generator=gen) < keep
+    kept[:, 0] = True
+    return mask * kept
+
+
 def train_reranker(
     cfg: RerankTrainConfig,
     out: str | Path,
@@ -117,7 +126,7 @@ def train_reranker(
 
     log("mining hard negatives with the bi-encoder")
     mined = mine(bi, train, cfg.mine_from)
-    images = gallery_states(reranker, train.regions)
+    image_states, image_masks = gallery_states(reranker, train.regions)
     captions = caption_states(reranker, train.corpus.captions)
 
     owner = torch.as_tensor(train.corpus.caption_image)
@@ -138,6 +147,7 @@ def train_reranker(
         for step in range(steps):
             cap = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             img = owner[cap]
+            images = (image_states, drop_region_states(image_masks, cfg.region_keep, gen))
             # text -> image: the caption against its image and n - 1 confusable images
             cand_img = torch.cat(
                 [img[:, None], sample_columns(mined.hard_images[cap], n - 1, gen)], 1
