@@ -127,8 +127,6 @@ def test_every_shipped_recipe_parses(recipe):
     from lightningdot.config import AlignConfig, RerankTrainConfig
 
     path = next((Path(__file__).parent.parent / "recipes").rglob(recipe))
-    if recipe.startswith("reranker"):
-        cls = RerankTrainConfig
-    else:
-        cls = AlignConfig if recipe == "multilingual.toml" else TrainConfig
+    kinds = {"reranker": RerankTrainConfig, "multilingual": AlignConfig}
+    cls = next((c for prefix, c in kinds.items() if recipe.startswith(prefix)), TrainConfig)
     load_config(cls, path)
