@@ -1,4 +1,5 @@
-"""Validation AR per epoch of every training run under runs/, with the settings that differ.
+"""Validation AR per epoch of every training run under runs/, with the settings that differ:
+bi-encoders, re-rankers and multilingual students, one table each.
 
 Reads each run's `log.jsonl` and the recipe saved in `last/config.json`; runs that were stopped
 before their last epoch say so. This is how the shipped recipe's choices were measured.
@@ -33,26 +34,62 @@ def settings(train: dict) -> str:
     return f"{objectives}; " + ", ".join(parts)
 
 
+def reranker_settings(train: dict) -> str:
+    return (
+        f"{train['negatives']} negatives from top {train['mine_from']}, "
+        f"region_keep={train.get('region_keep', 1.0)}, lr={train['lr']}"
+    )
+
+
+def align_settings(align: dict) -> str:
+    return (
+        f"{align['text']['pretrained']}, distill={align['distill']}, "
+        f"cross_distill={align.get('cross_distill', 0)}"
+    )
+
+
+def epochs_done(log: list[dict], epochs: int) -> str:
+    return f"{len(log)}/{epochs}" + ("" if len(log) == epochs else " (stopped)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=Path, default=ROOT / "runs")
     args = ap.parse_args()
-    rows = []
+    bi_rows, reranker_rows, align_rows = [], [], []
     for log_path in sorted(args.runs.glob("*/log.jsonl")):
         run = log_path.parent
         cfg_path = run / "last" / "config.json"
         if not cfg_path.is_file():
             continue
-        train = json.loads(cfg_path.read_text()).get("train")
-        if not train or "objectives" not in train:
-            continue  # a re-ranker or `ldot align` run: not a bi-encoder recipe
+        saved = json.loads(cfg_path.read_text())
         log = [json.loads(line) for line in log_path.read_text().splitlines()]
-        curve = " ".join(f"{r['val']['ar']:.1f}" for r in log if "val" in r)
-        done = f"{len(log)}/{train['epochs']}" + (
-            "" if len(log) == train["epochs"] else " (stopped)"
-        )
-        best = max((r["val"]["ar"] for r in log if "val" in r), default=float("nan"))
-        rows.append([run.name, settings(train), done, curve, f"{best:.1f}"])
+        log_val = [r for r in log if "val" in r]
+        best = max((r["val"]["ar"] for r in log_val), default=float("nan"))
+        if "align" in saved:  # `ldot align`: AR per language
+            align = saved["align"]
+            langs = [Path(a).stem for a in align["annotations"]]
+            curves = [
+                " ".join(f"{r['val']['languages'][lang]['ar']:.1f}" for r in log_val)
+                for lang in langs
+            ]
+            done = epochs_done(log, align["epochs"])
+            for lang, curve in zip(langs, curves, strict=True):
+                align_rows.append([run.name, align_settings(align), lang, done, curve])
+            continue
+        train = saved.get("train")
+        if not train:
+            continue
+        curve = " ".join(f"{r['val']['ar']:.1f}" for r in log_val)
+        done = epochs_done(log, train["epochs"])
+        if "reranker" in saved:  # AR after re-ranking the top K, at the fusion chosen on val
+            curve = " ".join(
+                f"{r['val']['ar']:.1f} ({r.get('fusion', saved['reranker']['fusion']):g})"
+                for r in log_val
+            )
+            reranker_rows.append([run.name, reranker_settings(train), done, curve, f"{best:.1f}"])
+        else:
+            bi_rows.append([run.name, settings(train), done, curve, f"{best:.1f}"])
     body = "\n".join(
         [
             "## Training runs: validation AR after each epoch (Flickr8k val)",
@@ -60,7 +97,20 @@ def main() -> None:
             "What the recipe choices rest on. Reproduce: `python benchmarks/training_curves.py` "
             "after training (each row's recipe is saved in `runs/NAME/last/config.json`).",
             "",
-            table(["run", "settings", "epochs", "val AR per epoch", "best"], rows),
+            "Bi-encoders (`ldot finetune`, `ldot pretrain`):",
+            "",
+            table(["run", "settings", "epochs", "val AR per epoch", "best"], bi_rows),
+            "",
+            "Re-rankers (`ldot train-reranker`): AR after re-ranking the top 16, with the fusion "
+            "weight chosen on val in brackets.",
+            "",
+            table(
+                ["run", "settings", "epochs", "val AR per epoch (fusion)", "best"], reranker_rows
+            ),
+            "",
+            "Multilingual students (`ldot align`): AR per caption language.",
+            "",
+            table(["run", "settings", "captions", "epochs", "val AR per epoch"], align_rows),
         ]
     )
     write_section("training-curves", body)

@@ -196,8 +196,8 @@ class RerankTrainConfig:
     # Fusion weights tried on val after each epoch: the best becomes `reranker.fusion`, the
     # weight used at query time. Empty keeps `reranker.fusion` as given.
     fusion_grid: list[float] = field(default_factory=list)
-    # Fraction of each image's region states a training pair sees ([IMG] always stays): the
-    # states are fixed, and the cross-encoder otherwise learns the 6,000 training images by heart.
+    # Fraction of each image's region states a training pair sees ([IMG] always stays): an
+    # augmentation, since the states are fixed and the cross-encoder soon learns them by heart.
     region_keep: float = 1.0
     lr: float = 1e-4
     weight_decay: float = 0.01
