@@ -66,8 +66,11 @@ def test_reranked_ranks_match_naive_reference(k):
         k,
         lambda q, c, dot: cross_t2i[q[:, None], c] + dot,
         lambda q, c, dot: cross_i2t[q[:, None], c] + dot,
+        with_ranks=True,
     )
     t2i, i2t = naive_reranked(text, image, caption_image, k, cross_t2i, cross_i2t)
+    assert got["ranks"]["t2i"].tolist() == t2i
+    assert got["ranks"]["i2t"].tolist() == i2t
     for key in ("r1", "r5", "r10"):
         kk = int(key[1:])
         assert got["t2i"][key] == pytest.approx(100 * sum(r < kk for r in t2i) / len(t2i))

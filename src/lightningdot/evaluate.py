@@ -140,9 +140,11 @@ def reranked_metrics(
     rescore_t2i: Rescore,
     rescore_i2t: Rescore,
     bank: QueryBank | None = None,
+    with_ranks: bool = False,
 ) -> dict:
     """`recall_metrics` after re-ranking each query's top K with the given scorers (whose dot
-    scores include the priors, with `bank`)."""
+    scores include the priors, with `bank`); `with_ranks` adds each query's 0-based rank as
+    "ranks": {"t2i": (captions,), "i2t": (images,)}."""
     caption_image = torch.as_tensor(caption_image, dtype=torch.long)
     (t_text, t_image), (i_text, i_image) = directed(text, image, bank)
     t2i = reranked_ranks(
@@ -161,7 +163,10 @@ def reranked_metrics(
         k,
         rescore_i2t,
     )
-    return metrics_from_ranks(t2i, i2t)
+    metrics = metrics_from_ranks(t2i, i2t)
+    if with_ranks:
+        metrics["ranks"] = {"t2i": t2i, "i2t": i2t}
+    return metrics
 
 
 @torch.inference_mode()

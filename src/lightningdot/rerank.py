@@ -309,9 +309,10 @@ def evaluate_reranked(
     regions: RegionBatch,
     k: int,
     fusions: Sequence[float] | None = None,
+    with_ranks: bool = False,
 ) -> dict:
     """Recall@1/5/10 both ways and AR after re-ranking every query's top K (`recall_metrics`
-    layout), with each gallery item's states computed once.
+    layout; each query's rank too, `with_ranks`), with each gallery item's states computed once.
 
     With `fusions`, returns {weight: metrics} for each fusion weight instead, the cross-attention
     scores computed once for all of them.
@@ -351,6 +352,7 @@ def evaluate_reranked(
             partial(t2i, fusion=w),
             partial(i2t, fusion=w),
             bi.bank,
+            with_ranks,
         )
         for w in weights
     }
