@@ -17,9 +17,12 @@ from lightningdot.prior import QueryBank, hub_prior, make_bank
 from lightningdot.rerank import (
     CrossEncoder,
     Reranker,
+    caption_states,
     evaluate_reranked,
+    gallery_states,
     load_reranker,
     save_reranker,
+    vectors_of_states,
 )
 from lightningdot.train import load_split
 from lightningdot.train_reranker import drop_region_states, mine, train_reranker
@@ -355,3 +358,15 @@ def test_drop_region_states_hides_regions_only():
 def test_reranker_recipe_rejects_a_region_keep_outside_0_1():
     with pytest.raises(ValueError, match="region_keep"):
         RerankTrainConfig(region_keep=0)
+
+
+def test_vectors_of_states_equal_the_bi_encoders_own(store_dir):
+    r = tiny_reranker()
+    regions = FeatureStore(store_dir).batch(FeatureStore(store_dir).keys()[:3])
+    captions = ["a red picture", "blue", "something longer than the other two captions"]
+    text, image = vectors_of_states(
+        r.bi, caption_states(r, captions), gallery_states(r, regions), regions
+    )
+    with torch.no_grad():
+        assert torch.allclose(text, r.bi.encode_text(captions), atol=1e-5)
+        assert torch.allclose(image, r.bi.encode_image(regions), atol=1e-5)

@@ -30,7 +30,7 @@ from lightningdot.checkpoint import (
     read_config_json,
 )
 from lightningdot.config import BertSize, RerankerConfig, from_dict, to_dict
-from lightningdot.encoders import BiEncoder, bert_config
+from lightningdot.encoders import BiEncoder, bert_config, join_views
 from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.features import RegionBatch
 from lightningdot.io import write_json, write_safetensors
@@ -74,20 +74,17 @@ class CrossEncoder(nn.Module):
         text_mask: torch.Tensor,
         image_states: torch.Tensor,
         image_mask: torch.Tensor,
-        text_index: torch.Tensor | None = None,
-        image_index: torch.Tensor | None = None,
+        text_index: torch.Tensor,
+        image_index: torch.Tensor,
     ) -> torch.Tensor:
         """Matching logits of P pairs (text_index[p], image_index[p]) of N captions
-        (N, T, H), (N, T) and M images (M, 1 + R, H), (M, 1 + R); by default N = M = P and
-        caption i goes with image i.
+        (N, T, H), (N, T) and M images (M, 1 + R, H), (M, 1 + R).
 
         The head reads only the first token, so the last layer computes attention for that one
         query. With a single layer, its keys and values are computed once per caption and
         image rather than once per pair: a caption against K candidates costs little more than
         the K images alone.
         """
-        if text_index is None or image_index is None:
-            text_index = image_index = torch.arange(len(text_states), device=text_states.device)
         t_ids, t_of = text_index.unique(return_inverse=True)
         i_ids, i_of = image_index.unique(return_inverse=True)
         t_mask = text_mask[t_ids]
@@ -302,6 +299,14 @@ def caption_states(reranker: Reranker, captions: list[str], batch: int = 256):
 
 
 @torch.inference_mode()
+def vectors_of_states(bi: BiEncoder, captions, images, regions: RegionBatch):
+    """The bi-encoder's caption and image vectors from the states `caption_states` and
+    `gallery_states` computed, so that its encoders run once for both uses."""
+    (ts, tm), (is_, _) = captions, images
+    return join_views(bi.text.views(ts, tm)), join_views(bi.image.views(is_, regions))
+
+
+@torch.inference_mode()
 def evaluate_reranked(
     reranker: Reranker,
     captions: list[str],
@@ -317,15 +322,14 @@ def evaluate_reranked(
     With `fusions`, returns {weight: metrics} for each fusion weight instead, the cross-attention
     scores computed once for all of them.
     """
-    from lightningdot.evaluate import encode_region_batches, encode_texts, reranked_metrics
+    from lightningdot.evaluate import reranked_metrics
 
     was = reranker.training
     reranker.eval()
     bi = reranker.bi
-    image_vecs = encode_region_batches(bi, regions.chunks(256))
-    text_vecs = encode_texts(bi, captions)
     ts, tm = caption_states(reranker, captions)
     is_, im = gallery_states(reranker, regions)
+    text_vecs, image_vecs = vectors_of_states(bi, (ts, tm), (is_, im), regions)
     cache: dict[tuple[str, int], torch.Tensor] = {}  # (direction, first query) -> cross logits
 
     def t2i(q: torch.Tensor, cand: torch.Tensor, dot: torch.Tensor, fusion: float) -> torch.Tensor:

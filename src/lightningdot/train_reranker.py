@@ -36,6 +36,7 @@ from lightningdot.rerank import (
     evaluate_reranked,
     gallery_states,
     save_reranker,
+    vectors_of_states,
 )
 from lightningdot.train import (
     TrainData,
@@ -67,11 +68,21 @@ class Mined:
 
 
 @torch.inference_mode()
-def mine(bi: BiEncoder, data: TrainData, k: int) -> Mined:
-    """The bi-encoder's vectors and its top-k wrong answers, ranked as its indexes rank."""
+def mine(
+    bi: BiEncoder,
+    data: TrainData,
+    k: int,
+    vectors: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Mined:
+    """The bi-encoder's vectors (`vectors`, (captions, images), when already computed) and its
+    top-k wrong answers, ranked as its indexes rank."""
     owner = torch.as_tensor(data.corpus.caption_image)
-    text = encode_texts(bi, data.corpus.captions)
-    image = encode_region_batches(bi, data.regions.chunks(256))
+    if vectors is None:
+        vectors = (
+            encode_texts(bi, data.corpus.captions),
+            encode_region_batches(bi, data.regions.chunks(256)),
+        )
+    text, image = vectors
     image_prior, caption_prior = torch.zeros(len(image)), torch.zeros(len(text))
     if bi.bank is not None:
         image_prior = hub_prior(image, bi.bank.text, bi.bank.beta)
@@ -125,9 +136,10 @@ def train_reranker(
     val = load_split(cfg.data, cfg.data.val_split, store, False) if cfg.data.val_split else None
 
     log("mining hard negatives with the bi-encoder")
-    mined = mine(bi, train, cfg.mine_from)
     image_states, image_masks = gallery_states(reranker, train.regions)
     captions = caption_states(reranker, train.corpus.captions)
+    vectors = vectors_of_states(bi, captions, (image_states, image_masks), train.regions)
+    mined = mine(bi, train, cfg.mine_from, vectors)
 
     owner = torch.as_tensor(train.corpus.caption_image)
     steps = max(1, len(owner) // cfg.batch_size)
