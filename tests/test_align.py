@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 from conftest import tiny_model_config
+from safetensors import safe_open
 
-from lightningdot.align import align, align_losses, centroids, total
+from lightningdot.align import align, align_losses, centroids, make_student, mixed_precision, total
 from lightningdot.checkpoint import index_identity, load_model, model_identity, save_model
 from lightningdot.config import AlignConfig, BertSize, TextConfig
 from lightningdot.data import read_karpathy
@@ -83,6 +84,7 @@ def test_align_keeps_the_teachers_image_side_and_its_indexes(
         epochs=2,
         batch_size=4,
         cross_distill=0.5,
+        bf16=True,
     )
     best = align(cfg, tmp_path / "run", log=lambda _: None)
     assert set(best["languages"]) == {"captions", "captions_xx"}
@@ -98,6 +100,10 @@ def test_align_keeps_the_teachers_image_side_and_its_indexes(
     ):
         assert torch.equal(a, b), name
     assert index_identity(student) == model_identity(teacher) != model_identity(student)
+    # The student stores its text side alone; the rest is loaded from the teacher.
+    with safe_open(tmp_path / "run" / "best" / "model.safetensors", framework="pt") as f:
+        assert all(k.startswith("text.") for k in f.keys())
+    assert not (tmp_path / "run" / "best" / "bank.safetensors").exists()
 
     # An index the teacher built opens with the student, and answers as the student encodes.
     corpus = read_karpathy(corpus_dir / "captions.json")
@@ -129,3 +135,44 @@ def test_a_student_that_cannot_hold_the_image_encoder_is_refused(teacher_dir, co
     )
     with pytest.raises(ConfigMismatchError, match="intermediate_size 64"):
         student_config(cfg, load_model(teacher_dir))
+
+
+def student_of(teacher_dir, corpus_dir) -> tuple[AlignConfig, BiEncoder]:
+    size = BertSize(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64)
+    cfg = AlignConfig(
+        teacher=str(teacher_dir),
+        text=TextConfig(pretrained=None, size=size, trainable_layers=3, max_length=16),
+        annotations=[str(corpus_dir / "captions.json")],
+    )
+    torch.manual_seed(0)
+    return cfg, make_student(cfg, load_model(teacher_dir))
+
+
+def test_a_student_refuses_a_teacher_whose_weights_changed(teacher_dir, corpus_dir, tmp_path):
+    from lightningdot.errors import ConfigMismatchError
+
+    _, student = student_of(teacher_dir, corpus_dir)
+    save_model(tmp_path / "student", student)
+    assert model_identity(load_model(tmp_path / "student")) == model_identity(student)
+
+    teacher = load_model(teacher_dir)
+    with torch.no_grad():
+        teacher.image.proj.weight.add_(0.01)
+    save_model(teacher_dir, teacher)
+    with pytest.raises(ConfigMismatchError, match="trained against another"):
+        load_model(tmp_path / "student")
+
+
+def test_mixed_precision_vectors_stay_close_to_float32(teacher_dir, corpus_dir):
+    _, student = student_of(teacher_dir, corpus_dir)
+    captions = read_karpathy(corpus_dir / "captions.json").captions
+    student.eval()
+    with torch.no_grad():
+        full = student.encode_text(captions)
+        with mixed_precision(student, True):
+            mixed = student.encode_text(captions).float()
+        with mixed_precision(student, False):
+            same = student.encode_text(captions)
+    assert torch.equal(same, full)
+    assert not torch.equal(mixed, full)  # bfloat16 did run
+    assert (mixed * full).sum(-1).min() > 0.99

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lightningdot.checkpoint import index_identity, load_model, save_model
+from lightningdot.checkpoint import SHIPPED, index_identity, load_model, resolve_model, save_model
 from lightningdot.config import AlignConfig, ModelConfig, to_dict
 from lightningdot.data import Corpus, read_karpathy
 from lightningdot.encoders import BiEncoder
@@ -90,19 +90,17 @@ def student_config(cfg: AlignConfig, teacher: BiEncoder) -> ModelConfig:
         backbone=teacher.cfg.backbone,
         dropout=teacher.cfg.dropout,
         shares_index_with=index_identity(teacher),
+        # A shipped name stays a name; a folder is made absolute, to load from anywhere.
+        image_from=cfg.teacher
+        if cfg.teacher in SHIPPED
+        else str(resolve_model(cfg.teacher).resolve()),
     )
 
 
 def make_student(cfg: AlignConfig, teacher: BiEncoder) -> BiEncoder:
     student = BiEncoder(student_config(cfg, teacher))
     student.init_pretrained()
-    student.image.load_state_dict(teacher.image.state_dict())
-    student.image.requires_grad_(False)
-    # The student searches the teacher's indexes, whose priors come from the teacher's bank.
-    student.bank = teacher.bank
-    for mine, theirs in zip(student.logit_scales, teacher.logit_scales, strict=True):
-        mine.data.copy_(theirs.data)
-        mine.requires_grad_(False)
+    student.adopt_image_side(teacher)
     return student
 
 
@@ -157,16 +155,22 @@ def centroids(text: torch.Tensor, corpus: Corpus) -> torch.Tensor:
     return F.normalize(sums, dim=-1)
 
 
+def mixed_precision(model: torch.nn.Module, enabled: bool) -> torch.autocast:
+    """bfloat16 autocast on the model's device, or a no-op when not `enabled`."""
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=enabled)
+
+
 @torch.inference_mode()
-def evaluate_languages(student: BiEncoder, split: Split) -> dict:
+def evaluate_languages(student: BiEncoder, split: Split, bf16: bool = False) -> dict:
     """Recall metrics per language on the split, and their mean AR as "ar"."""
     was = student.training
     student.eval()
+    with mixed_precision(student, bf16):
+        texts = [encode_texts(student, c.captions).float() for c in split.corpora]
     per = {
-        lang: recall_metrics(
-            encode_texts(student, c.captions), split.images, c.caption_image, student.bank
-        )
-        for lang, c in zip(split.languages, split.corpora, strict=True)
+        lang: recall_metrics(vectors, split.images, c.caption_image, student.bank)
+        for lang, vectors, c in zip(split.languages, texts, split.corpora, strict=True)
     }
     student.train(was)
     return {"ar": sum(m["ar"] for m in per.values()) / len(per), "languages": per}
@@ -226,10 +230,11 @@ def align(
                 )
                 for off in offsets
             ]
-            vectors = [
-                student.encode_text([texts[i] for i in pick.tolist()])
-                for texts, pick in zip(flat, picks, strict=True)
-            ]
+            with mixed_precision(student, cfg.bf16):
+                vectors = [
+                    student.encode_text([texts[i] for i in pick.tolist()]).float()
+                    for texts, pick in zip(flat, picks, strict=True)
+                ]
             losses = align_losses(
                 vectors,
                 train.images[idx],
@@ -252,7 +257,7 @@ def align(
         }
         extra = {"align": to_dict(cfg), "epoch": epoch + 1}
         if val is not None:
-            metrics = evaluate_languages(student, val)
+            metrics = evaluate_languages(student, val, cfg.bf16)
             record["val"] = metrics
             if metrics["ar"] > best["ar"]:
                 best = metrics

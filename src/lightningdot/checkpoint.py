@@ -55,7 +55,8 @@ def save_model(
     state = {k: v.to(dtype) for k, v in model.stored_state().items()}
     write_safetensors(folder / "model.safetensors", state, metadata={"format": str(FORMAT)})
     meta = {"format": FORMAT, "model": to_dict(model.cfg), **(extra or {})}
-    bank = save_bank(folder, model.bank, dtype)
+    # A model with `image_from` uses that model's bank, like the rest of its image side.
+    bank = save_bank(folder, None if model.cfg.image_from else model.bank, dtype)
     write_json(folder / "config.json", meta | ({"bank": bank} if bank else {}))
 
 
@@ -138,8 +139,14 @@ def load_state_into(model: nn.Module, weights: Path) -> None:
 
 
 def model_identity(model: BiEncoder) -> str:
-    """A fingerprint of the config and every stored parameter: indexes record who made them."""
-    h = hashlib.sha256(json.dumps(to_dict(model.cfg), sort_keys=True).encode())
+    """A fingerprint of the config and every stored parameter: indexes record who made them.
+
+    `image_from` says where part of the model is loaded from, not what the model computes
+    (`shares_index_with` pins that part), so it is left out.
+    """
+    cfg = to_dict(model.cfg)
+    cfg.pop("image_from")
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
     for name, tensor in sorted(model.stored_state().items()):
         h.update(name.encode())
         h.update(tensor.detach().to(torch.float16).cpu().numpy().tobytes())
@@ -158,6 +165,15 @@ def load_model(name_or_path: str | os.PathLike[str] | None = "default") -> BiEnc
     cfg, meta = read_model_config(folder)
     model = BiEncoder(cfg)
     model.init_pretrained()
+    if cfg.image_from:
+        base = load_model(cfg.image_from)
+        if index_identity(base) != cfg.shares_index_with:
+            raise ConfigMismatchError(
+                f"{folder} was trained against another {cfg.image_from!r} than the one found "
+                "(its weights changed since); train it again against this one"
+            )
+        model.adopt_image_side(base)
     load_state_into(model, folder / "model.safetensors")
-    model.bank = load_bank(folder, meta, cfg.vector_dim)
+    if not cfg.image_from:
+        model.bank = load_bank(folder, meta, cfg.vector_dim)
     return model.eval()

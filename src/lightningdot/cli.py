@@ -175,6 +175,11 @@ def bank(
         if size < 1 or beta <= 0:
             raise LightningDotError("--size must be at least 1 and --beta positive")
         net = load_model(model)
+        if net.cfg.image_from:
+            raise LightningDotError(
+                f"{model} uses the image side and query bank of {net.cfg.image_from!r}; "
+                "give that model a bank instead"
+            )
         made = make_bank(net, annotations, features, split, size, beta, seed)
         _, meta = read_model_config(model)
         meta["bank"] = save_bank(model, made, torch.float32)

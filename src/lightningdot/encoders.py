@@ -305,12 +305,29 @@ class BiEncoder(nn.Module):
         """(Q, E) x (G, E) -> (Q, G) dot products."""
         return text_vectors @ image_vectors.T
 
+    def adopt_image_side(self, other: BiEncoder) -> None:
+        """Take `other`'s image encoder, CMR temperatures and query bank, frozen: this model
+        then searches the indexes `other` builds, with their priors."""
+        self.image.load_state_dict(other.image.state_dict())
+        self.image.requires_grad_(False)
+        for mine, theirs in zip(self.logit_scales, other.logit_scales, strict=True):
+            mine.data.copy_(theirs.data)
+            mine.requires_grad_(False)
+        self.bank = other.bank
+
     def stored_state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint must hold: the parameters the config trains (every text parameter
-        when no packaged weights can rebuild them), whatever is frozen at the moment."""
+        when no packaged weights can rebuild them), whatever is frozen at the moment; with
+        `image_from`, the text side alone."""
         n_frozen = self.cfg.text.size.num_layers - self.cfg.text.trainable_layers
         packaged = self.cfg.text.pretrained is not None
         frozen = ("text.bert.embeddings.",) + tuple(
             f"text.bert.encoder.layer.{i}." for i in range(n_frozen)
         )
+        if self.cfg.image_from:
+            return {
+                n: p
+                for n, p in self.text.named_parameters(prefix="text")
+                if not (packaged and n.startswith(frozen))
+            }
         return {n: p for n, p in self.named_parameters() if not (packaged and n.startswith(frozen))}
