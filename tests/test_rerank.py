@@ -360,9 +360,14 @@ def test_reranker_recipe_rejects_a_region_keep_outside_0_1():
         RerankTrainConfig(region_keep=0)
 
 
-def test_vectors_of_states_equal_the_bi_encoders_own(store_dir):
-    r = tiny_reranker()
+@pytest.mark.parametrize("pooled_dim", [0, 8])
+def test_vectors_of_states_equal_the_bi_encoders_own(store_dir, pooled_dim):
+    torch.manual_seed(0)
+    bi = BiEncoder(tiny_model_config(pooled_dim=pooled_dim))
+    bi.init_pretrained()
+    r = Reranker(bi.eval(), RerankerConfig(num_layers=1)).eval()
     regions = FeatureStore(store_dir).batch(FeatureStore(store_dir).keys()[:3])
+    regions.features = regions.features.half()  # as `ldot extract` stores them
     captions = ["a red picture", "blue", "something longer than the other two captions"]
     text, image = vectors_of_states(
         r.bi, caption_states(r, captions), gallery_states(r, regions), regions

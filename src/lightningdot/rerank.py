@@ -303,6 +303,7 @@ def vectors_of_states(bi: BiEncoder, captions, images, regions: RegionBatch):
     """The bi-encoder's caption and image vectors from the states `caption_states` and
     `gallery_states` computed, so that its encoders run once for both uses."""
     (ts, tm), (is_, _) = captions, images
+    regions = regions.to(bi.logit_scale.device)  # stores keep features in float16
     return join_views(bi.text.views(ts, tm)), join_views(bi.image.views(is_, regions))
 
 
