@@ -8,13 +8,14 @@ import torch
 from conftest import tiny_model_config
 from safetensors import safe_open
 
-from lightningdot.align import align, align_losses, centroids, make_student, mixed_precision, total
+from lightningdot.align import align, align_losses, centroids, make_student, total
 from lightningdot.checkpoint import index_identity, load_model, model_identity, save_model
 from lightningdot.config import AlignConfig, BertSize, TextConfig
 from lightningdot.data import read_karpathy
 from lightningdot.encoders import BiEncoder
 from lightningdot.features import FeatureStore
 from lightningdot.retrieval import Retriever, build_index
+from lightningdot.train import mixed_precision
 
 
 def test_align_losses_by_hand():

@@ -140,13 +140,14 @@ def test_batched_cross_scores_equal_one_by_one(store_dir):
     assert torch.allclose(batched, single, atol=1e-5)
 
 
-@pytest.mark.parametrize("num_layers", [1, 2])
-def test_cross_encoder_equals_the_full_single_stream_transformer(num_layers):
-    """The fast path (first-token query in the last layer, keys and values once per item)
-    against BertModel run over each concatenated pair."""
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_cross_encoder_equals_a_transformer_run_over_each_pair(num_layers):
+    """The fast path (keys and values once per caption and image, first-token query in the
+    last layer) against BertModel's own layers run over each concatenated pair, with the image
+    rows put back after every layer, as the fusion reads image states without updating them."""
     torch.manual_seed(num_layers)
     h = 32
-    cross = CrossEncoder(RerankerConfig(num_layers=num_layers), BertSize(h, 2, 4, 64, 64, 2))
+    cross = CrossEncoder(RerankerConfig(num_layers=num_layers), BertSize(h, 3, 4, 64, 64, 2))
     cross.eval()
     ts, is_ = torch.randn(3, 6, h), torch.randn(4, 5, h)
     tm = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
@@ -156,18 +157,14 @@ def test_cross_encoder_equals_the_full_single_stream_transformer(num_layers):
         got = cross(ts, tm, is_, im, t_idx, i_idx)
         want = []
         for t, i in zip(t_idx.tolist(), i_idx.tolist(), strict=True):
-            x = torch.cat([ts[t : t + 1], is_[i : i + 1]], 1)
+            text, image = cross.embed(ts[t : t + 1], 0), cross.embed(is_[i : i + 1], 1)
             mask = torch.cat([tm[t : t + 1], im[i : i + 1]], 1)
-            segment = torch.cat(
-                [torch.zeros_like(tm[t : t + 1]), torch.ones_like(im[i : i + 1])], 1
-            )
-            out = cross.bert(
-                inputs_embeds=x,
-                attention_mask=mask,
-                token_type_ids=segment,
-                position_ids=torch.zeros_like(mask),
-            ).last_hidden_state
-            want.append(cross.head(out[:, 0]).squeeze(-1))
+            additive = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+            for layer in cross.bert.encoder.layer:
+                out = layer(torch.cat([text, image], 1), attention_mask=additive)
+                out = out[0] if isinstance(out, tuple) else out
+                text = out[:, : text.shape[1]]
+            want.append(cross.head(text[:, 0]).squeeze(-1))
     assert torch.allclose(got, torch.cat(want), atol=1e-5)
 
 
@@ -242,12 +239,18 @@ def test_save_load_round_trip_and_refusal(tmp_path):
     assert load_reranker(tmp_path / "rr", bi=bi).cfg == r.cfg
 
 
-@pytest.mark.parametrize("region_keep", [1.0, 0.5])
-def test_train_reranker_writes_checkpoints_and_a_log(corpus_dir, store_dir, tmp_path, region_keep):
+@pytest.mark.parametrize(
+    ("region_keep", "num_layers", "bf16"),
+    [(1.0, 1, False), (0.5, 2, True)],
+    ids=["one-layer", "two-layers-half-regions-bf16"],
+)
+def test_train_reranker_writes_checkpoints_and_a_log(
+    corpus_dir, store_dir, tmp_path, region_keep, num_layers, bf16
+):
     r = tiny_reranker()
     save_model(tmp_path / "bi", r.bi)
     cfg = RerankTrainConfig(
-        reranker=RerankerConfig(num_layers=1),
+        reranker=RerankerConfig(num_layers=num_layers),
         data=DataConfig(str(corpus_dir / "captions.json"), str(store_dir)),
         bi_encoder=str(tmp_path / "bi"),
         epochs=2,
@@ -255,6 +258,7 @@ def test_train_reranker_writes_checkpoints_and_a_log(corpus_dir, store_dir, tmp_
         negatives=2,
         mine_from=3,
         region_keep=region_keep,
+        bf16=bf16,
     )
     best = train_reranker(cfg, tmp_path / "run", log=lambda m: None, val_k=3)
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -262,7 +266,7 @@ def test_train_reranker_writes_checkpoints_and_a_log(corpus_dir, store_dir, tmp_
     assert all(torch.isfinite(torch.tensor(x["loss"]["loss"])) for x in log)
     assert best["ar"] == max(x["val"]["ar"] for x in log)
     loaded = load_reranker(tmp_path / "run" / "best")
-    assert loaded.cfg.num_layers == 1
+    assert loaded.cfg.num_layers == num_layers
 
 
 def test_train_reranker_chooses_the_fusion_weight_on_val(corpus_dir, store_dir, tmp_path):

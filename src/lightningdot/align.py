@@ -37,6 +37,7 @@ from lightningdot.objectives import cmr_loss
 from lightningdot.train import (
     StepCallback,
     adamw,
+    mixed_precision,
     peak_rss_mb,
     seed_everything,
     take_step,
@@ -153,12 +154,6 @@ def centroids(text: torch.Tensor, corpus: Corpus) -> torch.Tensor:
     owner = torch.as_tensor(corpus.caption_image)
     sums = torch.zeros(len(corpus.images), text.shape[1]).index_add_(0, owner, text)
     return F.normalize(sums, dim=-1)
-
-
-def mixed_precision(model: torch.nn.Module, enabled: bool) -> torch.autocast:
-    """bfloat16 autocast on the model's device, or a no-op when not `enabled`."""
-    device = next(model.parameters()).device.type
-    return torch.autocast(device, dtype=torch.bfloat16, enabled=enabled)
 
 
 @torch.inference_mode()

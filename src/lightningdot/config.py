@@ -209,6 +209,7 @@ class RerankTrainConfig:
     weight_decay: float = 0.01
     warmup: float = 0.05
     grad_clip: float = 1.0
+    bf16: bool = False  # training steps in bfloat16 mixed precision, as `AlignConfig.bf16`
     seed: int = 0
     threads: int = 0
 

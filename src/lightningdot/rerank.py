@@ -39,7 +39,13 @@ SHIPPED = {"default": "default-reranker"}  # re-ranker name -> folder under ligh
 
 
 class CrossEncoder(nn.Module):
-    """A transformer over [caption token states ; image states] with an ITM head."""
+    """A transformer over [caption token states ; image states] with an ITM head.
+
+    Caption tokens attend to the caption and the image, layer after layer; the image states
+    are read (as keys and values) but not updated, as in the text-side fusion of ALBEF. So the
+    cost of a pair grows with its caption's length, not with its 1 + R image tokens, and each
+    layer's image keys and values are computed once per image.
+    """
 
     def __init__(self, cfg: RerankerConfig, size: BertSize) -> None:
         super().__init__()
@@ -81,29 +87,29 @@ class CrossEncoder(nn.Module):
         (N, T, H), (N, T) and M images (M, 1 + R, H), (M, 1 + R).
 
         The head reads only the first token, so the last layer computes attention for that one
-        query. With a single layer, its keys and values are computed once per caption and
-        image rather than once per pair: a caption against K candidates costs little more than
-        the K images alone.
+        query. Before the first layer, a caption's states do not depend on the image it is
+        paired with, so their keys and values too are computed once per caption.
         """
         t_ids, t_of = text_index.unique(return_inverse=True)
         i_ids, i_of = image_index.unique(return_inverse=True)
         t_mask = text_mask[t_ids]
         width = int(t_mask.sum(1).max())  # padding beyond the longest caption is never read
-        t = self.embed(text_states[t_ids, :width], 0)
-        i = self.embed(image_states[i_ids], 1)
+        text = self.embed(text_states[t_ids, :width], 0)
+        image = self.embed(image_states[i_ids], 1)
         mask = torch.cat([t_mask[t_of, :width], image_mask[i_ids][i_of]], 1).bool()
         *lower, last = self.bert.encoder.layer
-        if lower:
-            x = torch.cat([t[t_of], i[i_of]], 1)
-            for layer in lower:
-                x = self._layer(layer, x, *self._keys_values(layer, x), mask)
-            query, (k, v) = x[:, :1], self._keys_values(last, x)
-        else:
-            (tk, tv), (ik, iv) = self._keys_values(last, t), self._keys_values(last, i)
-            k = torch.cat([tk[t_of], ik[i_of]], 2)
-            v = torch.cat([tv[t_of], iv[i_of]], 2)
-            query = t[t_of, :1]
-        return self.head(self._layer(last, query, k, v, mask)[:, 0]).squeeze(-1)
+        for layer in lower:
+            keys, values = self._pair_keys_values(layer, text, t_of, image, i_of)
+            text = self._layer(layer, text[t_of], keys, values, mask)
+            t_of = torch.arange(len(text), device=text.device)  # one caption state per pair now
+        keys, values = self._pair_keys_values(last, text, t_of, image, i_of)
+        return self.head(self._layer(last, text[t_of, :1], keys, values, mask)[:, 0]).squeeze(-1)
+
+    def _pair_keys_values(self, layer, text, text_of, image, image_of):
+        """A layer's keys and values (P, heads, T + 1 + R, ·) of each pair's caption and image,
+        each computed once per distinct caption or image state."""
+        (tk, tv), (ik, iv) = self._keys_values(layer, text), self._keys_values(layer, image)
+        return torch.cat([tk[text_of], ik[image_of]], 2), torch.cat([tv[text_of], iv[image_of]], 2)
 
     @staticmethod
     def _keys_values(layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

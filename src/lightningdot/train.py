@@ -225,6 +225,12 @@ def adamw(
     )
 
 
+def mixed_precision(model: nn.Module, enabled: bool) -> torch.autocast:
+    """bfloat16 autocast on the model's device, or a no-op when not `enabled`."""
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=enabled)
+
+
 def take_step(
     loss: torch.Tensor,
     losses: dict[str, torch.Tensor],

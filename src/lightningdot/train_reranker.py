@@ -41,6 +41,7 @@ from lightningdot.rerank import (
 from lightningdot.train import (
     TrainData,
     load_split,
+    mixed_precision,
     peak_rss_mb,
     seed_everything,
     take_step,
@@ -164,16 +165,18 @@ def train_reranker(
             cand_img = torch.cat(
                 [img[:, None], sample_columns(mined.hard_images[cap], n - 1, gen)], 1
             )
-            t2i = reranker.cross_scores(
-                captions, images, cap.repeat_interleave(n), cand_img.flatten()
-            ).view(-1, n)
             # image -> text: the image against that caption and n - 1 confusable captions
             cand_cap = torch.cat(
                 [cap[:, None], sample_columns(mined.hard_captions[img], n - 1, gen)], 1
             )
-            i2t = reranker.cross_scores(
-                captions, images, cand_cap.flatten(), img.repeat_interleave(n)
-            ).view(-1, n)
+            with mixed_precision(reranker.cross, cfg.bf16):
+                t2i = reranker.cross_scores(
+                    captions, images, cap.repeat_interleave(n), cand_img.flatten()
+                )
+                i2t = reranker.cross_scores(
+                    captions, images, cand_cap.flatten(), img.repeat_interleave(n)
+                )
+            t2i, i2t = t2i.float().view(-1, n), i2t.float().view(-1, n)
             w = cfg.train_fusion
             losses = itm_loss(
                 reranker.fuse(t2i, mined.dot_t2i(cap, cand_img), w),
