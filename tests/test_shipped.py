@@ -51,6 +51,12 @@ def test_multilingual_model_shares_the_default_index_and_aligns_languages():
 
     default, multi = load_model("default"), load_model("multilingual")
     assert index_identity(multi) == index_identity(default)  # same image index serves both
+    # It ships its text side alone; image encoder and query bank are the default's.
+    assert multi.cfg.image_from == "default"
+    assert torch.equal(multi.bank.text, default.bank.text)
+    assert torch.equal(multi.bank.image, default.bank.image)
+    with safe_open(shipped_model_dir("multilingual") / "model.safetensors", "pt") as f:
+        assert all(k.startswith("text.") for k in f.keys())
     with torch.inference_mode():
         zh, en, other = multi.encode_text(
             ["一只狗在草地上奔跑", "a dog runs on the grass", "a plate of food on a table"]
