@@ -110,8 +110,8 @@ def main() -> None:
         "(target >= 0.90).",
         f"- English AR, `{args.model}` - `default`, {shipped}: {en - en_default:+.2f} "
         "(target: no more than 2 points below).",
-        "- `dot + prior` ranks with the query-bank prior both models ship (`multilingual` "
-        "carries `default`'s bank, so the priors in an index `default` built are its own); "
+        "- `dot + prior` ranks with the query-bank prior (`multilingual` loads `default`'s "
+        "bank with its image encoder, so the priors in an index `default` built are its own); "
         "`dot only` is `ldot evaluate --no-prior`.",
         "- No other language is measured: the data here has no honest captions in a third "
         "language, and machine-translated ones would measure the translator as much as the model.",

@@ -36,15 +36,18 @@ def settings(train: dict) -> str:
 
 def reranker_settings(train: dict) -> str:
     return (
+        f"{train['reranker']['num_layers']} layer(s), "
         f"{train['negatives']} negatives from top {train['mine_from']}, "
         f"region_keep={train.get('region_keep', 1.0)}, lr={train['lr']}"
+        + (", bf16" if train.get("bf16") else "")
     )
 
 
 def align_settings(align: dict) -> str:
     return (
-        f"{align['text']['pretrained']}, distill={align['distill']}, "
-        f"cross_distill={align.get('cross_distill', 0)}"
+        f"{align['text']['pretrained']}, {align['text']['trainable_layers']} layers tuned, "
+        f"distill={align['distill']}, cross_distill={align.get('cross_distill', 0)}"
+        + (", bf16" if align.get("bf16") else "")
     )
 
 
