@@ -11,7 +11,14 @@ from lightningdot.config import BertSize, DataConfig, RerankerConfig, RerankTrai
 from lightningdot.data import read_karpathy
 from lightningdot.encoders import BiEncoder
 from lightningdot.errors import ConfigMismatchError
-from lightningdot.evaluate import i2t_ranks, recall_metrics, reranked_metrics, t2i_ranks
+from lightningdot.evaluate import (
+    encode_region_batches,
+    encode_texts,
+    i2t_ranks,
+    recall_metrics,
+    reranked_metrics,
+    t2i_ranks,
+)
 from lightningdot.features import FeatureStore
 from lightningdot.prior import QueryBank, hub_prior, make_bank
 from lightningdot.rerank import (
@@ -100,7 +107,10 @@ def test_mined_negatives_are_the_top_wrong_answers_as_the_index_ranks_them(corpu
     data = DataConfig(str(corpus_dir / "captions.json"), str(store_dir))
     train = load_split(data, "train", FeatureStore(store_dir), soft_labels=False)
     bi.bank = make_bank(bi, data.annotations, store_dir, "train", size=5, beta=4.0)
-    mined = mine(bi, train, k=3)
+    with torch.no_grad():
+        text = encode_texts(bi, train.corpus.captions)
+        image = encode_region_batches(bi, train.regions.chunks(4))
+    mined = mine(bi, train, 3, text, image)
     owner = train.corpus.caption_image
     t2i = mined.text @ mined.image.T + hub_prior(mined.image, bi.bank.text, 4.0)
     i2t = mined.image @ mined.text.T + hub_prior(mined.text, bi.bank.image, 4.0)
@@ -374,7 +384,7 @@ def test_vectors_of_states_equal_the_bi_encoders_own(store_dir, pooled_dim):
     regions.features = regions.features.half()  # as `ldot extract` stores them
     captions = ["a red picture", "blue", "something longer than the other two captions"]
     text, image = vectors_of_states(
-        r.bi, caption_states(r, captions), gallery_states(r, regions), regions
+        r.bi, caption_states(r, captions), gallery_states(r, regions), regions, batch=2
     )
     with torch.no_grad():
         assert torch.allclose(text, r.bi.encode_text(captions), atol=1e-5)

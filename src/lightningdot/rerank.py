@@ -305,12 +305,17 @@ def caption_states(reranker: Reranker, captions: list[str], batch: int = 256):
 
 
 @torch.inference_mode()
-def vectors_of_states(bi: BiEncoder, captions, images, regions: RegionBatch):
+def vectors_of_states(bi: BiEncoder, captions, images, regions: RegionBatch, batch: int = 256):
     """The bi-encoder's caption and image vectors from the states `caption_states` and
     `gallery_states` computed, so that its encoders run once for both uses."""
     (ts, tm), (is_, _) = captions, images
-    regions = regions.to(bi.logit_scale.device)  # stores keep features in float16
-    return join_views(bi.text.views(ts, tm)), join_views(bi.image.views(is_, regions))
+    # Stores keep features in float16; the pooled view reads them a chunk at a time, in float32.
+    chunks = zip(range(0, len(is_), batch), regions.chunks(batch), strict=True)
+    image = [
+        join_views(bi.image.views(is_[s : s + batch], chunk.to(bi.logit_scale.device)))
+        for s, chunk in chunks
+    ]
+    return join_views(bi.text.views(ts, tm)), torch.cat(image)
 
 
 @torch.inference_mode()

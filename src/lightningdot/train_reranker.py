@@ -25,7 +25,6 @@ import torch
 from lightningdot.checkpoint import load_model
 from lightningdot.config import RerankTrainConfig, to_dict
 from lightningdot.encoders import BiEncoder
-from lightningdot.evaluate import encode_region_batches, encode_texts
 from lightningdot.features import FeatureStore
 from lightningdot.io import atomic_dir
 from lightningdot.objectives import itm_loss
@@ -69,21 +68,10 @@ class Mined:
 
 
 @torch.inference_mode()
-def mine(
-    bi: BiEncoder,
-    data: TrainData,
-    k: int,
-    vectors: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> Mined:
-    """The bi-encoder's vectors (`vectors`, (captions, images), when already computed) and its
-    top-k wrong answers, ranked as its indexes rank."""
+def mine(bi: BiEncoder, data: TrainData, k: int, text: torch.Tensor, image: torch.Tensor) -> Mined:
+    """The top-k wrong answers of the bi-encoder, whose vectors of the data's captions and
+    images are `text` and `image`, ranked as its indexes rank."""
     owner = torch.as_tensor(data.corpus.caption_image)
-    if vectors is None:
-        vectors = (
-            encode_texts(bi, data.corpus.captions),
-            encode_region_batches(bi, data.regions.chunks(256)),
-        )
-    text, image = vectors
     image_prior, caption_prior = torch.zeros(len(image)), torch.zeros(len(text))
     if bi.bank is not None:
         image_prior = hub_prior(image, bi.bank.text, bi.bank.beta)
@@ -140,7 +128,7 @@ def train_reranker(
     image_states, image_masks = gallery_states(reranker, train.regions)
     captions = caption_states(reranker, train.corpus.captions)
     vectors = vectors_of_states(bi, captions, (image_states, image_masks), train.regions)
-    mined = mine(bi, train, cfg.mine_from, vectors)
+    mined = mine(bi, train, cfg.mine_from, *vectors)
 
     owner = torch.as_tensor(train.corpus.caption_image)
     steps = max(1, len(owner) // cfg.batch_size)
