@@ -252,8 +252,8 @@ class AlignConfig:
     cross_distill: float = 0.0
     grad_clip: float = 1.0
     # Mixed precision: the student's matrix products in bfloat16 (weights, optimiser and losses
-    # stay float32), for training steps and the per-epoch validation that picks `best`. On a CPU
-    # with AVX512-BF16 a step takes about 2.5x less time; elsewhere it can be slower.
+    # stay float32), for training steps and the per-epoch validation that picks `best`. Faster
+    # on a CPU with AVX512-BF16 (or AMX) or a GPU; elsewhere it can be slower.
     bf16: bool = False
     seed: int = 0
     threads: int = 0
