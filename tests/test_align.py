@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_model_config
 from safetensors import safe_open
 
+import lightningdot.train
 from lightningdot.align import align, align_losses, centroids, make_student, total
 from lightningdot.checkpoint import index_identity, load_model, model_identity, save_model
 from lightningdot.config import AlignConfig, BertSize, TextConfig
@@ -70,8 +71,9 @@ def translated(corpus_dir, tmp_path):
 
 
 def test_align_keeps_the_teachers_image_side_and_its_indexes(
-    corpus_dir, store_dir, teacher_dir, tmp_path
+    corpus_dir, store_dir, teacher_dir, tmp_path, monkeypatch
 ):
+    monkeypatch.setattr(lightningdot.train, "native_bf16", lambda device: True)  # run bf16 here
     size = BertSize(
         hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64, vocab_size=30522
     )

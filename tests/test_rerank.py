@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import tiny_model_config
 
+import lightningdot.train
 from lightningdot.checkpoint import load_model, save_model
 from lightningdot.config import BertSize, DataConfig, RerankerConfig, RerankTrainConfig
 from lightningdot.data import read_karpathy
@@ -250,13 +251,15 @@ def test_save_load_round_trip_and_refusal(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("region_keep", "num_layers", "bf16"),
-    [(1.0, 1, False), (0.5, 2, True)],
-    ids=["one-layer", "two-layers-half-regions-bf16"],
+    ("region_keep", "num_layers", "bf16", "native"),
+    [(1.0, 1, False, True), (0.5, 2, True, True), (1.0, 1, True, False)],
+    ids=["one-layer", "two-layers-half-regions-bf16", "bf16-emulated-falls-back"],
 )
 def test_train_reranker_writes_checkpoints_and_a_log(
-    corpus_dir, store_dir, tmp_path, region_keep, num_layers, bf16
+    corpus_dir, store_dir, tmp_path, monkeypatch, region_keep, num_layers, bf16, native
 ):
+    # Whatever this machine's CPU: bf16 runs where it is native, float32 where emulated.
+    monkeypatch.setattr(lightningdot.train, "native_bf16", lambda device: native)
     r = tiny_reranker()
     save_model(tmp_path / "bi", r.bi)
     cfg = RerankTrainConfig(
@@ -277,6 +280,9 @@ def test_train_reranker_writes_checkpoints_and_a_log(
     assert best["ar"] == max(x["val"]["ar"] for x in log)
     loaded = load_reranker(tmp_path / "run" / "best")
     assert loaded.cfg.num_layers == num_layers
+    # The recipe saved with the run says in which precision it really trained.
+    saved = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
+    assert saved["train"]["bf16"] is (bf16 and native)
 
 
 def test_train_reranker_chooses_the_fusion_weight_on_val(corpus_dir, store_dir, tmp_path):

@@ -5,13 +5,14 @@ import pytest
 import torch
 from conftest import tiny_model_config
 
+import lightningdot.train
 from lightningdot.checkpoint import load_model
 from lightningdot.config import DataConfig, ObjectiveWeights, TrainConfig, load_config
 from lightningdot.encoders import BiEncoder
 from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.features import FeatureStore
 from lightningdot.objectives import cmr_loss
-from lightningdot.train import PretrainingModel, total_loss, train
+from lightningdot.train import PretrainingModel, effective_bf16, total_loss, train
 
 
 def recipe(corpus_dir, store_dir, **kw) -> TrainConfig:
@@ -130,3 +131,20 @@ def test_every_shipped_recipe_parses(recipe):
     kinds = {"reranker": RerankTrainConfig, "multilingual": AlignConfig}
     cls = next((c for prefix, c in kinds.items() if recipe.startswith(prefix)), TrainConfig)
     load_config(cls, path)
+
+
+@pytest.mark.parametrize(
+    ("requested", "native", "expected", "says"),
+    [(True, True, True, False), (True, False, False, True), (False, False, False, False)],
+)
+def test_bf16_falls_back_to_float32_where_it_is_only_emulated(
+    monkeypatch, requested, native, expected, says
+):
+    monkeypatch.setattr(lightningdot.train, "native_bf16", lambda device: native)
+    said: list[str] = []
+    assert effective_bf16(requested, torch.nn.Linear(2, 2), said.append) is expected
+    assert bool(said) is says and all("float32" in m for m in said)
+
+
+def test_native_bf16_answers_for_this_cpu():
+    assert isinstance(lightningdot.train.native_bf16("cpu"), bool)

@@ -37,6 +37,7 @@ from lightningdot.objectives import cmr_loss
 from lightningdot.train import (
     StepCallback,
     adamw,
+    effective_bf16,
     mixed_precision,
     peak_rss_mb,
     seed_everything,
@@ -192,6 +193,7 @@ def align(
         teacher_centroids = centroids(teacher_text, train.corpora[0]) if cfg.cross_distill else None
     student = make_student(cfg, teacher)
     del teacher
+    cfg = dataclasses.replace(cfg, bf16=effective_bf16(cfg.bf16, student, log))
 
     optimizer = adamw(
         student,

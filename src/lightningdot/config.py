@@ -253,7 +253,9 @@ class AlignConfig:
     grad_clip: float = 1.0
     # Mixed precision: the student's matrix products in bfloat16 (weights, optimiser and losses
     # stay float32), for training steps and the per-epoch validation that picks `best`. Faster
-    # on a CPU with AVX512-BF16 (or AMX) or a GPU; elsewhere it can be slower.
+    # on a CPU with AVX512-BF16 (or AMX) or a GPU. A CPU without them only emulates bfloat16,
+    # several times slower than float32: there training says so and runs in float32, and the
+    # recipe saved with the run records float32.
     bf16: bool = False
     seed: int = 0
     threads: int = 0

@@ -231,6 +231,27 @@ def mixed_precision(model: nn.Module, enabled: bool) -> torch.autocast:
     return torch.autocast(device, dtype=torch.bfloat16, enabled=enabled)
 
 
+def native_bf16(device: str) -> bool:
+    """Whether `device` multiplies bfloat16 matrices in hardware. A CPU without AVX512-BF16 or
+    AMX emulates them, several times slower than float32."""
+    if device == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return device != "cuda" or torch.cuda.is_bf16_supported()
+
+
+def effective_bf16(requested: bool, model: nn.Module, log: Callable[[str], None]) -> bool:
+    """`requested`, unless the model's device would only emulate bfloat16: then False, and the
+    log says so. A recipe written on one machine stays fast on another."""
+    device = next(model.parameters()).device.type
+    if requested and not native_bf16(device):
+        log(
+            f"bf16 asked for, but this {device} has no native bfloat16 (emulated, it is several "
+            "times slower than float32): training in float32"
+        )
+        return False
+    return requested
+
+
 def take_step(
     loss: torch.Tensor,
     losses: dict[str, torch.Tensor],

@@ -39,6 +39,7 @@ from lightningdot.rerank import (
 )
 from lightningdot.train import (
     TrainData,
+    effective_bf16,
     load_split,
     mixed_precision,
     peak_rss_mb,
@@ -120,6 +121,7 @@ def train_reranker(
     bi = load_model(cfg.bi_encoder)
     reranker = Reranker(bi, dataclasses.replace(cfg.reranker))  # its fusion may be tuned below
     reranker.init_pretrained()
+    cfg = dataclasses.replace(cfg, bf16=effective_bf16(cfg.bf16, reranker.cross, log))
     store = FeatureStore(cfg.data.features)
     train = load_split(cfg.data, cfg.data.train_split, store, soft_labels=False)
     val = load_split(cfg.data, cfg.data.val_split, store, False) if cfg.data.val_split else None
