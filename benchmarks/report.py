@@ -22,6 +22,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    # Two hosts may give the same model name; the vector instructions torch uses tell them apart.
+    cpu += f" ({torch.backends.cpu.get_cpu_capability()})"
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return f"{cpu}, {torch.get_num_threads()} torch threads{gpu}, torch {torch.__version__}"
 
