@@ -1,4 +1,5 @@
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -112,6 +113,45 @@ def test_add_grows_the_index_like_a_rebuild(corpus_dir, store_dir, model_dir, tm
         x.id for x in whole.search_text(q, 12)[0].results
     ]
     assert len(grown.captions) == len(whole.captions) == 24
+
+
+@pytest.mark.parametrize("at_once", [False, True], ids=["one-after-the-other", "at-once"])
+def test_adds_from_two_openers_of_one_folder_both_stay(
+    corpus_dir, store_dir, model_dir, tmp_path, at_once
+):
+    """Two processes adding to one index (`ldot index --add` beside a server): neither add may
+    overwrite the other's, whatever the order."""
+    model = open_model(model_dir)
+    full = read_karpathy(corpus_dir / "captions.json")
+    store = FeatureStore(store_dir)
+    build_index(
+        model,
+        str(model_dir),
+        Corpus(full.images[:4]),
+        corpus_dir / "images",
+        tmp_path / "ix",
+        features=store,
+    )
+    first, second = Retriever.open(tmp_path / "ix"), Retriever.open(tmp_path / "ix")
+    halves = Corpus(full.images[4:8]), Corpus(full.images[8:])
+
+    def add(r, part):
+        return add_to_index(r, part, corpus_dir / "images", store)
+
+    if at_once:
+        with ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(add, (first, second), halves)) == [4, 4]
+    else:
+        assert add(first, halves[0]) == 4
+        assert add(second, halves[1]) == 4  # opened before the first add, never reloaded
+    reopened = Retriever.open(tmp_path / "ix")
+    assert sorted(it["id"] for it in reopened.images.items) == sorted(full.keys())
+    assert len(reopened.captions) == len(full.captions)
+    # The opener that saved last had caught up with the other's rows before adding its own.
+    assert max(len(first.images), len(second.images)) == len(full.images)
+    # An id another opener added meanwhile is refused, not duplicated.
+    with pytest.raises(DataError, match="already in the index"):
+        first.append(np.zeros((1, first.images.dim), np.float32), [{"id": full.keys()[-1]}])
 
 
 def test_index_from_another_model_is_refused(corpus_dir, store_dir, model_dir, tmp_path):

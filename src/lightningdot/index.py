@@ -4,7 +4,8 @@ Layout of an index folder (written whole, atomically):
 
     index.faiss   the FAISS index (inner product); row i is items[i]
     items.json    one entry per vector: {"id", "path"?, "captions"?, ...}
-    index.json    {"format", "model_id", "dim", "count", "config": IndexConfig, "prior"?}
+    index.json    {"format", "model_id", "dim", "count", "config": IndexConfig, "prior"?,
+                   "revision": a fresh token per save, so a writer can tell the folder changed}
     bank.npy      with a query-bank prior (`lightningdot.prior`): the bank, (N, dim) float32
 
 Loading checks that the file, the items and the model agree, and refuses otherwise.
@@ -13,6 +14,7 @@ Loading checks that the file, the items and the model agree, and refuses otherwi
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,7 @@ class VectorIndex:
             raise DataError(f"index holds {index.ntotal} vectors but {len(items)} items")
         self.index, self.items, self.model_id, self.cfg = index, items, model_id, cfg
         self.prior = prior
+        self.revision: str | None = None  # of the folder it was loaded from or saved to
         self._rows: dict[str, int] | None = None  # id -> row, built on first lookup
         self._apply_search_params()
 
@@ -141,9 +144,11 @@ class VectorIndex:
     def copy(self) -> VectorIndex:
         """An independent in-memory copy (of a memory-mapped index too), to grow while the
         original keeps answering searches."""
-        return VectorIndex(
+        twin = VectorIndex(
             faiss.clone_index(self.index), list(self.items), self.model_id, self.cfg, self.prior
         )
+        twin.revision = self.revision
+        return twin
 
     def row(self, item_id: str) -> int | None:
         """The row of the item with this id, or None."""
@@ -175,6 +180,7 @@ class VectorIndex:
             hnsw.efSearch = self.cfg.ef_search
 
     def save(self, folder: str | Path) -> None:
+        revision = uuid.uuid4().hex
         with atomic_dir(folder) as tmp:
             faiss.write_index(self.index, str(tmp / "index.faiss"))
             (tmp / "items.json").write_text(json.dumps(self.items, ensure_ascii=False))
@@ -184,11 +190,21 @@ class VectorIndex:
                 "dim": self.dim,
                 "count": len(self),
                 "config": asdict(self.cfg),
+                "revision": revision,
             }
             if self.prior is not None:
                 meta["prior"] = {"beta": self.prior.beta, "bank": len(self.prior.bank)}
                 np.save(tmp / "bank.npy", self.prior.bank.astype(np.float32))
             (tmp / "index.json").write_text(json.dumps(meta, indent=2))
+        self.revision = revision
+
+    @staticmethod
+    def revision_in(folder: str | Path) -> str | None:
+        """The revision of the index saved in `folder` (None: none, or saved without one)."""
+        try:
+            return json.loads((Path(folder) / "index.json").read_text()).get("revision")
+        except (OSError, json.JSONDecodeError):
+            return None
 
     @classmethod
     def load(
@@ -242,7 +258,9 @@ class VectorIndex:
                 f"{folder}: index.faiss has {index.ntotal} x {index.d}, index.json says "
                 f"{meta['count']} x {meta['dim']}{' + prior' if prior is not None else ''}"
             )
-        return cls(index, items, meta["model_id"], from_dict(IndexConfig, meta["config"]), prior)
+        loaded = cls(index, items, meta["model_id"], from_dict(IndexConfig, meta["config"]), prior)
+        loaded.revision = meta.get("revision")
+        return loaded
 
 
 def recall_against_exact(

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 from PIL import Image
 
 from lightningdot.checkpoint import index_identity, load_model
@@ -240,10 +241,14 @@ class Retriever:
 
         The live indexes are copied, grown, saved and then swapped in, so a search running
         meanwhile sees the old index or the new one, never a half-added state, and a failed save
-        changes nothing in memory. Concurrent adds wait for each other. The copy makes an add
-        cost O(index size): cheap at 10K-100K images, a rebuild's worth at 1M.
+        changes nothing in memory. Concurrent adds wait for each other, in other processes too
+        (`ldot index --add` beside a running server): they take turns on a lock file in the
+        folder, and an add starts from what is on disk, so when another process saved since,
+        its rows are loaded first and kept. The copy makes an add cost O(index size): cheap at
+        10K-100K images, a rebuild's worth at 1M.
         """
-        with self._add_lock:
+        with self._add_lock, FileLock(self.folder / ".add.lock"):
+            self._catch_up()
             taken = [it["id"] for it in items if self.images.row(it["id"]) is not None]
             if taken or len({it["id"] for it in items}) != len(items):
                 raise DataError(f"image id(s) already in the index or repeated: {taken[:3]}")
@@ -268,6 +273,18 @@ class Retriever:
                 grown_captions.save(self.folder / "captions")
             images.save(self.folder / "images")
             self.images, self.captions = images, grown_captions
+
+    def _catch_up(self) -> None:
+        """Load the folder's indexes again if another process saved them since we did."""
+        folder_images, folder_captions = self.folder / "images", self.folder / "captions"
+        on_disk = VectorIndex.revision_in(folder_images), VectorIndex.revision_in(folder_captions)
+        ours = self.images.revision, None if self.captions is None else self.captions.revision
+        if on_disk == ours:
+            return
+        identity = self.images.model_id
+        self.images = VectorIndex.load(folder_images, identity)
+        if folder_captions.is_dir():
+            self.captions = VectorIndex.load(folder_captions, identity)
 
     def add_images(self, images: list[Image.Image], items: list[dict]) -> None:
         """Encode decoded images and append them with their items (`id`, `path`, ...)."""
