@@ -89,18 +89,21 @@ def test_image_query_finds_captions_and_itself(corpus_dir, model_dir, tmp_path):
         r.search_text([" "])
 
 
-def test_add_grows_the_index_like_a_rebuild(corpus_dir, store_dir, model_dir, tmp_path):
-    model = open_model(model_dir)
+def index_of_the_first(n, corpus_dir, store_dir, model_dir, out):
+    """An index of the tiny corpus's first `n` images, to grow; returns the whole corpus."""
     full = read_karpathy(corpus_dir / "captions.json")
+    first = Corpus(full.images[:n])
     store = FeatureStore(store_dir)
     build_index(
-        model,
-        str(model_dir),
-        Corpus(full.images[:6]),
-        corpus_dir / "images",
-        tmp_path / "grown",
-        features=store,
+        open_model(model_dir), str(model_dir), first, corpus_dir / "images", out, features=store
     )
+    return full
+
+
+def test_add_grows_the_index_like_a_rebuild(corpus_dir, store_dir, model_dir, tmp_path):
+    model = open_model(model_dir)
+    store = FeatureStore(store_dir)
+    full = index_of_the_first(6, corpus_dir, store_dir, model_dir, tmp_path / "grown")
     r = Retriever.open(tmp_path / "grown", mmap=False)
     assert add_to_index(r, full, corpus_dir / "images", store) == 6
     assert add_to_index(r, full, corpus_dir / "images", store) == 0  # nothing new
@@ -121,17 +124,8 @@ def test_adds_from_two_openers_of_one_folder_both_stay(
 ):
     """Two processes adding to one index (`ldot index --add` beside a server): neither add may
     overwrite the other's, whatever the order."""
-    model = open_model(model_dir)
-    full = read_karpathy(corpus_dir / "captions.json")
     store = FeatureStore(store_dir)
-    build_index(
-        model,
-        str(model_dir),
-        Corpus(full.images[:4]),
-        corpus_dir / "images",
-        tmp_path / "ix",
-        features=store,
-    )
+    full = index_of_the_first(4, corpus_dir, store_dir, model_dir, tmp_path / "ix")
     first, second = Retriever.open(tmp_path / "ix"), Retriever.open(tmp_path / "ix")
     halves = Corpus(full.images[4:8]), Corpus(full.images[8:])
 
