@@ -282,9 +282,9 @@ class Retriever:
         if on_disk == ours:
             return
         identity = self.images.model_id
-        self.images = VectorIndex.load(folder_images, identity)
-        if folder_captions.is_dir():
-            self.captions = VectorIndex.load(folder_captions, identity)
+        images = VectorIndex.load(folder_images, identity)
+        captions = VectorIndex.load(folder_captions, identity) if on_disk[1] else self.captions
+        self.images, self.captions = images, captions  # both or, if a load fails, neither
 
     def add_images(self, images: list[Image.Image], items: list[dict]) -> None:
         """Encode decoded images and append them with their items (`id`, `path`, ...)."""
