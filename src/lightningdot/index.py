@@ -88,12 +88,12 @@ class VectorIndex:
         model_id: str,
         cfg: IndexConfig,
         prior: IndexPrior | None = None,
+        revision: str | None = None,  # of the folder it was loaded from or saved to
     ):
         if index.ntotal != len(items):
             raise DataError(f"index holds {index.ntotal} vectors but {len(items)} items")
         self.index, self.items, self.model_id, self.cfg = index, items, model_id, cfg
-        self.prior = prior
-        self.revision: str | None = None  # of the folder it was loaded from or saved to
+        self.prior, self.revision = prior, revision
         self._rows: dict[str, int] | None = None  # id -> row, built on first lookup
         self._apply_search_params()
 
@@ -144,11 +144,14 @@ class VectorIndex:
     def copy(self) -> VectorIndex:
         """An independent in-memory copy (of a memory-mapped index too), to grow while the
         original keeps answering searches."""
-        twin = VectorIndex(
-            faiss.clone_index(self.index), list(self.items), self.model_id, self.cfg, self.prior
+        return VectorIndex(
+            faiss.clone_index(self.index),
+            list(self.items),
+            self.model_id,
+            self.cfg,
+            self.prior,
+            self.revision,
         )
-        twin.revision = self.revision
-        return twin
 
     def row(self, item_id: str) -> int | None:
         """The row of the item with this id, or None."""
@@ -258,9 +261,8 @@ class VectorIndex:
                 f"{folder}: index.faiss has {index.ntotal} x {index.d}, index.json says "
                 f"{meta['count']} x {meta['dim']}{' + prior' if prior is not None else ''}"
             )
-        loaded = cls(index, items, meta["model_id"], from_dict(IndexConfig, meta["config"]), prior)
-        loaded.revision = meta.get("revision")
-        return loaded
+        config = from_dict(IndexConfig, meta["config"])
+        return cls(index, items, meta["model_id"], config, prior, meta.get("revision"))
 
 
 def recall_against_exact(
