@@ -30,20 +30,16 @@ import torch
 import torch.nn.functional as F
 from report import commit, machine, table, write_section
 
-from lightningdot.checkpoint import load_model
 from lightningdot.config import TrainConfig, load_config
 from lightningdot.data import Corpus, read_karpathy
-from lightningdot.encoders import BiEncoder
-from lightningdot.evaluate import (
-    RetrievalEvaluator,
-    encode_region_batches,
-    encode_texts,
-    recall_metrics,
-    store_batches,
-)
+from lightningdot.encode import RegionSource, encode_collection, encode_texts
+from lightningdot.evaluation.evaluate import evaluate_model
+from lightningdot.evaluation.metrics import recall_metrics
 from lightningdot.features import FeatureStore, create_backbone
 from lightningdot.features.extract import extract_images
-from lightningdot.train import train
+from lightningdot.model.checkpoint import load_model
+from lightningdot.model.encoders import BiEncoder
+from lightningdot.training.pretrain import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from linear_probe import run_probe  # noqa: E402
@@ -84,7 +80,7 @@ def run_stats(run: Path) -> str:
 def shipped_rows(model: BiEncoder, val: Corpus, store: FeatureStore) -> list[list[str]]:
     """The shipped model by view, and with its prior at several inverse temperatures."""
     text = encode_texts(model, val.captions)
-    image = encode_region_batches(model, store_batches(store, val.keys()))
+    image = encode_collection(model, RegionSource(model.cfg.backbone, store), val.keys())
     cut = model.cfg.embed_dim
     views = {"transformer view": slice(0, cut), "pooled view": slice(cut, None)}
     rows = []
@@ -123,7 +119,6 @@ def main() -> None:
     store = FeatureStore(args.features)
 
     val = read_karpathy(annotations, "val")
-    evaluator = RetrievalEvaluator(val, lambda: store_batches(store, val.keys()))
     rows, stats = [], []
     probe = run_probe(annotations, args.features)
     rows.append(
@@ -147,7 +142,8 @@ def main() -> None:
             continue
         model = load_model(run / "best")
         model.bank = None  # runs compare by dot product; the prior has rows of its own below
-        metrics = evaluator(model)
+        source = RegionSource(model.cfg.backbone, store)
+        metrics = evaluate_model(model, val, source.batches(val.keys()))
         rows.append([label, *fmt(metrics)])
         print(name, json.dumps(metrics), flush=True)
 

@@ -14,11 +14,10 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
 from lightningdot.data import read_karpathy
-from lightningdot.encoders import quiet_transformers
-from lightningdot.evaluate import recall_metrics
+from lightningdot.evaluation.metrics import recall_metrics
 from lightningdot.features import FeatureStore
-from lightningdot.objectives import cmr_loss
-from lightningdot.pretrained import text_model_dir
+from lightningdot.model.pretrained import quiet_transformers, text_model_dir
+from lightningdot.training.objectives import cmr_loss
 
 
 @torch.inference_mode()

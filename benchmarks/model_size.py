@@ -17,9 +17,9 @@ import torch
 from report import commit, machine, table, write_section
 
 from lightningdot.config import ImageConfig, ModelConfig, TextConfig, TrainConfig
-from lightningdot.encoders import BiEncoder
 from lightningdot.features import RegionBatch, grid_boxes
-from lightningdot.train import PretrainingModel, build_optimizer, total_loss
+from lightningdot.model.encoders import BiEncoder
+from lightningdot.training.pretrain import PretrainingModel, param_groups, weighted_loss
 
 CAPTION = "A little girl in a pink dress going into a wooden cabin ."
 
@@ -53,12 +53,12 @@ def measure(image_layers: int, text_layers: int, batch: int, repeats: int) -> li
     model = BiEncoder(cfg.model)
     model.init_pretrained()
     module = PretrainingModel(model, cfg)
-    opt = build_optimizer(module, cfg)
+    opt = torch.optim.AdamW(param_groups(module, cfg))
     tokens, reg = model.tokenize([CAPTION] * batch), regions(batch)
     gen = torch.Generator().manual_seed(0)
 
     def step() -> None:
-        loss = total_loss(module(tokens, reg, gen), cfg)
+        loss = weighted_loss(module(tokens, reg, gen), cfg.objectives)
         opt.zero_grad()
         loss.backward()
         opt.step()

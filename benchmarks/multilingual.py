@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from report import commit, machine, table, write_section
 
-from lightningdot.checkpoint import load_model
 from lightningdot.data import read_karpathy
-from lightningdot.evaluate import encode_region_batches, encode_texts, recall_metrics, store_batches
+from lightningdot.encode import RegionSource, encode_collection, encode_texts
+from lightningdot.evaluation.metrics import recall_metrics
 from lightningdot.features import FeatureStore
+from lightningdot.model.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 LANGUAGES = [("English", "dataset_flickr8k.json"), ("Chinese", "dataset_flickr8kcn.json")]
@@ -56,7 +57,9 @@ def main() -> None:
         for lang, file in LANGUAGES:
             corpus = read_karpathy(args.data / file, "val")
             if images is None:  # the same images, in the same order, in both files
-                images = encode_region_batches(model, store_batches(store, corpus.keys()))
+                images = encode_collection(
+                    model, RegionSource(model.cfg.backbone, store), corpus.keys()
+                )
             text = encode_texts(model, corpus.captions)
             rankings = [("dot + prior", model.bank), ("dot only", None)] if model.bank else []
             for ranking, bank in rankings or [("dot only", None)]:

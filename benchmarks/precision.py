@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from report import commit, machine, table, write_section
 
-from lightningdot.checkpoint import load_model
 from lightningdot.data import read_karpathy
-from lightningdot.train import mixed_precision, native_bf16
+from lightningdot.model.checkpoint import load_model
+from lightningdot.precision import mixed_precision, native_bf16
 
 ROOT = Path(__file__).resolve().parent.parent
 

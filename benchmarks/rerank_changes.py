@@ -19,15 +19,11 @@ import torch
 from report import commit, machine, table, write_section
 
 from lightningdot.data import read_karpathy
-from lightningdot.evaluate import (
-    directed,
-    encode_region_batches,
-    encode_texts,
-    i2t_ranks,
-    t2i_ranks,
-)
+from lightningdot.encode import encode_regions, encode_texts
+from lightningdot.evaluation.evaluate import evaluate_reranked
+from lightningdot.evaluation.metrics import directed, i2t_ranks, t2i_ranks
 from lightningdot.features import FeatureStore
-from lightningdot.rerank import evaluate_reranked, load_reranker
+from lightningdot.model.checkpoint import load_reranker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,7 +50,7 @@ def main() -> None:
     owner = torch.as_tensor(corpus.caption_image)
     with torch.inference_mode():
         text = encode_texts(bi, corpus.captions)
-        image = encode_region_batches(bi, regions.chunks(256))
+        image = encode_regions(bi, regions.chunks(256))
         (t_text, t_image), (i_text, i_image) = directed(text, image, bi.bank)
         before = {
             "t2i": t2i_ranks(t_text, t_image, owner),

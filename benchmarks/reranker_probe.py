@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from report import commit, machine, table, write_section
 
-from lightningdot.checkpoint import load_model
 from lightningdot.config import DataConfig, RerankerConfig
 from lightningdot.features import FeatureStore
-from lightningdot.rerank import Reranker
-from lightningdot.train import load_split
+from lightningdot.model.checkpoint import load_model
+from lightningdot.model.reranker import Reranker
+from lightningdot.training.data import load_split
 
 ROOT = Path(__file__).resolve().parent.parent
 

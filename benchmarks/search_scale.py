@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from report import commit, machine, table, write_section
 
-from lightningdot.checkpoint import load_model
+from lightningdot.config import IndexConfig
 from lightningdot.data import read_karpathy
-from lightningdot.evaluate import encode_region_batches
+from lightningdot.encode import encode_regions
 from lightningdot.features import FeatureStore
-from lightningdot.index import IndexConfig, VectorIndex, priors_of, recall_against_exact
+from lightningdot.index.vector import VectorIndex, priors_of, recall_against_exact
+from lightningdot.model.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,7 +74,7 @@ def main() -> None:
     keys = [k for k in corpus.keys() if k in store]
     with torch.inference_mode():
         batches = (store.batch(keys[s : s + 256]) for s in range(0, len(keys), 256))
-        real = encode_region_batches(model, batches).numpy()
+        real = encode_regions(model, batches).numpy()
     val = read_karpathy(args.data / "dataset_flickr8k.json", "val")
     rng = np.random.default_rng(1)
     queries = [val.captions[i] for i in rng.permutation(len(val.captions))[: args.queries]]

@@ -37,13 +37,13 @@ import torch
 from PIL import Image, ImageOps
 from report import commit, machine, table, write_section
 
-from lightningdot.checkpoint import index_identity, load_model
 from lightningdot.data import read_karpathy
+from lightningdot.encode import RegionSource, encode_collection
 from lightningdot.errors import LightningDotError
-from lightningdot.evaluate import encode_region_batches, store_batches
 from lightningdot.features import FeatureStore
-from lightningdot.index import VectorIndex, priors_of
+from lightningdot.index.vector import VectorIndex, priors_of
 from lightningdot.io import write_json
+from lightningdot.model.checkpoint import index_identity, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,7 +63,8 @@ def build_gallery(out: Path, data: Path, features: Path, size: int) -> None:
     store = FeatureStore(features)
     records = [im for im in corpus.images if im.key in store][:size]
     with torch.inference_mode():
-        real = encode_region_batches(model, store_batches(store, [r.key for r in records]))
+        source = RegionSource(model.cfg.backbone, store)
+        real = encode_collection(model, source, [r.key for r in records])
     noise = torch.nn.functional.normalize(
         torch.randn(size - len(real), real.shape[1], generator=torch.Generator().manual_seed(0)),
         dim=-1,

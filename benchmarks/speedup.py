@@ -16,10 +16,10 @@ from pathlib import Path
 
 from report import commit, machine, table, write_section
 
-from lightningdot.bench import run_bench
 from lightningdot.data import Corpus, read_karpathy
+from lightningdot.evaluation.bench import run_bench
 from lightningdot.features import FeatureStore
-from lightningdot.rerank import load_reranker
+from lightningdot.model.checkpoint import load_reranker
 
 ROOT = Path(__file__).resolve().parent.parent
 

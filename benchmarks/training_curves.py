@@ -15,6 +15,8 @@ from pathlib import Path
 
 from report import table, write_section
 
+from lightningdot.config import AlignConfig, TrainConfig
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -38,8 +40,8 @@ def reranker_settings(train: dict) -> str:
     return (
         f"{train['reranker']['num_layers']} layer(s), "
         f"{train['negatives']} negatives from top {train['mine_from']}, "
-        f"region_keep={train.get('region_keep', 1.0)}, lr={train['lr']}"
-        + (", bf16" if train.get("bf16") else "")
+        f"region_keep={train.get('region_keep', 1.0)}, lr={train['loop']['lr']}"
+        + (", bf16" if train["loop"].get("bf16") else "")
     )
 
 
@@ -47,7 +49,7 @@ def align_settings(align: dict) -> str:
     return (
         f"{align['text']['pretrained']}, {align['text']['trainable_layers']} layers tuned, "
         f"distill={align['distill']}, cross_distill={align.get('cross_distill', 0)}"
-        + (", bf16" if align.get("bf16") else "")
+        + (", bf16" if align["loop"].get("bf16") else "")
     )
 
 
@@ -70,21 +72,21 @@ def main() -> None:
         log_val = [r for r in log if "val" in r]
         best = max((r["val"]["ar"] for r in log_val), default=float("nan"))
         if "align" in saved:  # `ldot align`: AR per language
-            align = saved["align"]
+            align = AlignConfig.upgrade(saved["align"])  # runs saved before `[loop]` too
             langs = [Path(a).stem for a in align["annotations"]]
             curves = [
                 " ".join(f"{r['val']['languages'][lang]['ar']:.1f}" for r in log_val)
                 for lang in langs
             ]
-            done = epochs_done(log, align["epochs"])
+            done = epochs_done(log, align["loop"]["epochs"])
             for lang, curve in zip(langs, curves, strict=True):
                 align_rows.append([run.name, align_settings(align), lang, done, curve])
             continue
-        train = saved.get("train")
-        if not train:
+        if not saved.get("train"):
             continue
+        train = TrainConfig.upgrade(saved["train"])
         curve = " ".join(f"{r['val']['ar']:.1f}" for r in log_val)
-        done = epochs_done(log, train["epochs"])
+        done = epochs_done(log, train["loop"]["epochs"])
         if "reranker" in saved:  # AR after re-ranking the top K, at the fusion chosen on val
             curve = " ".join(
                 f"{r['val']['ar']:.1f} ({r.get('fusion', saved['reranker']['fusion']):g})"

@@ -10,45 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightningdot.config import BertSize, ImageConfig, ModelConfig, TextConfig
-from lightningdot.features import (
-    Backbone,
-    FeatureStoreWriter,
-    RegionFeatures,
-    StoreInfo,
-    grid_boxes,
-    register_backbone,
-)
-
-COLOURS = ["red", "green", "blue", "yellow", "black", "white", "purple", "orange"]
-FEATURE_DIM, NUM_CLASSES, GRID = 16, 10, 2
-
-
-@register_backbone("test-colour")
-class ColourBackbone(Backbone):
-    """A stand-in backbone: 4 regions whose features start with the mean colour of a quadrant."""
-
-    name, feature_dim, num_classes, image_size = "test-colour", FEATURE_DIM, NUM_CLASSES, 8
-
-    def preprocess(self, image):
-        return torch.from_numpy(np.asarray(image.resize((8, 8)), dtype=np.float32)).permute(2, 0, 1)
-
-    def forward(self, pixels):
-        q = torch.nn.functional.avg_pool2d(pixels, 4).flatten(2).transpose(1, 2)  # (B, 4, 3)
-        feats = torch.cat([q, torch.zeros(*q.shape[:2], FEATURE_DIM - 3)], -1)
-        soft = torch.full((4, NUM_CLASSES), 1.0 / NUM_CLASSES)
-        return [RegionFeatures(feats[i], grid_boxes(2, 2), soft) for i in range(len(q))]
-
-
-def tiny_model_config(**overrides) -> ModelConfig:
-    size = BertSize(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-    return ModelConfig(
-        text=TextConfig(pretrained=None, size=size, trainable_layers=2, max_length=16),
-        image=ImageConfig(feature_dim=FEATURE_DIM, num_classes=NUM_CLASSES, num_layers=1),
-        embed_dim=16,
-        backbone="test-colour",
-        **overrides,
-    )
+from tests.helpers import COLOURS, tiny_model_config, write_store
 
 
 @pytest.fixture
@@ -78,23 +40,6 @@ def corpus_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def write_store(root: Path, keys: list[str], seed: int = 0) -> None:
-    """Random regions for each key: a GRID x GRID grid of FEATURE_DIM features."""
-    g = torch.Generator().manual_seed(seed)
-    info = StoreInfo("test", FEATURE_DIM, NUM_CLASSES)
-    with FeatureStoreWriter(root, info, shard_size=5) as w:
-        for k in keys:
-            n = GRID * GRID
-            w.add(
-                k,
-                RegionFeatures(
-                    torch.randn(n, FEATURE_DIM, generator=g),
-                    grid_boxes(GRID, GRID),
-                    torch.softmax(torch.randn(n, NUM_CLASSES, generator=g), -1),
-                ),
-            )
-
-
 @pytest.fixture
 def store_dir(corpus_dir: Path) -> Path:
     keys = sorted(p.name for p in (corpus_dir / "images").iterdir())
@@ -112,12 +57,12 @@ def _seed() -> None:
 def index_dir(corpus_dir: Path, tmp_path: Path) -> Path:
     """An index of the 8 train images and their captions, made by a tiny model, with a
     re-ranker for that model saved beside it as `rr/`."""
-    from lightningdot.checkpoint import save_model
     from lightningdot.config import RerankerConfig
     from lightningdot.data import read_karpathy
-    from lightningdot.encoders import BiEncoder
-    from lightningdot.rerank import Reranker, save_reranker
-    from lightningdot.retrieval import build_index
+    from lightningdot.index.folder import build_index
+    from lightningdot.model.checkpoint import save_model, save_reranker
+    from lightningdot.model.encoders import BiEncoder
+    from lightningdot.model.reranker import Reranker
 
     model = BiEncoder(tiny_model_config())
     model.init_pretrained()

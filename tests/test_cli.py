@@ -1,13 +1,13 @@
 import json
 
 import torch
-from conftest import tiny_model_config
 from typer.testing import CliRunner
 
-from lightningdot.checkpoint import save_model
 from lightningdot.cli import app
-from lightningdot.encoders import BiEncoder
 from lightningdot.features import FeatureStore
+from lightningdot.model.checkpoint import save_model
+from lightningdot.model.encoders import BiEncoder
+from tests.helpers import tiny_model_config
 
 runner = CliRunner()
 
@@ -71,7 +71,8 @@ def test_evaluate_json_layout(corpus_dir, store_dir, tmp_path):
     assert (m["n_images"], m["n_captions"]) == (4, 8)
     # Same numbers as computing the metrics directly.
     from lightningdot.data import read_karpathy
-    from lightningdot.evaluate import encode_texts, recall_metrics
+    from lightningdot.encode import encode_texts
+    from lightningdot.evaluation.metrics import recall_metrics
 
     val = read_karpathy(corpus_dir / "captions.json", "val")
     with torch.no_grad():

@@ -4,17 +4,18 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model_config
 from typer.testing import CliRunner
 
-from lightningdot.checkpoint import model_identity, save_model
 from lightningdot.cli import app
+from lightningdot.config import IndexConfig
 from lightningdot.data import Corpus, read_karpathy
-from lightningdot.encoders import BiEncoder
 from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.features import FeatureStore
-from lightningdot.index import IndexConfig
-from lightningdot.retrieval import Retriever, add_to_index, build_index
+from lightningdot.index.folder import build_index
+from lightningdot.model.checkpoint import model_identity, save_model
+from lightningdot.model.encoders import BiEncoder
+from lightningdot.retrieval import Retriever
+from tests.helpers import tiny_model_config
 
 runner = CliRunner()
 
@@ -28,7 +29,7 @@ def model_dir(tmp_path):
 
 
 def open_model(model_dir):
-    from lightningdot.checkpoint import load_model
+    from lightningdot.model.checkpoint import load_model
 
     return load_model(model_dir)
 
@@ -105,8 +106,8 @@ def test_add_grows_the_index_like_a_rebuild(corpus_dir, store_dir, model_dir, tm
     store = FeatureStore(store_dir)
     full = index_of_the_first(6, corpus_dir, store_dir, model_dir, tmp_path / "grown")
     r = Retriever.open(tmp_path / "grown", mmap=False)
-    assert add_to_index(r, full, corpus_dir / "images", store) == 6
-    assert add_to_index(r, full, corpus_dir / "images", store) == 0  # nothing new
+    assert r.add_collection(full, corpus_dir / "images", store) == 6
+    assert r.add_collection(full, corpus_dir / "images", store) == 0  # nothing new
     build_index(
         model, str(model_dir), full, corpus_dir / "images", tmp_path / "whole", features=store
     )
@@ -115,7 +116,7 @@ def test_add_grows_the_index_like_a_rebuild(corpus_dir, store_dir, model_dir, tm
     assert [x.id for x in grown.search_text(q, 12)[0].results] == [
         x.id for x in whole.search_text(q, 12)[0].results
     ]
-    assert len(grown.captions) == len(whole.captions) == 24
+    assert len(grown.caption_index) == len(whole.caption_index) == 24
 
 
 @pytest.mark.parametrize("at_once", [False, True], ids=["one-after-the-other", "at-once"])
@@ -130,7 +131,7 @@ def test_adds_from_two_openers_of_one_folder_both_stay(
     halves = Corpus(full.images[4:8]), Corpus(full.images[8:])
 
     def add(r, part):
-        return add_to_index(r, part, corpus_dir / "images", store)
+        return r.add_collection(part, corpus_dir / "images", store)
 
     if at_once:
         with ThreadPoolExecutor(2) as pool:
@@ -139,13 +140,13 @@ def test_adds_from_two_openers_of_one_folder_both_stay(
         assert add(first, halves[0]) == 4
         assert add(second, halves[1]) == 4  # opened before the first add, never reloaded
     reopened = Retriever.open(tmp_path / "ix")
-    assert sorted(it["id"] for it in reopened.images.items) == sorted(full.keys())
-    assert len(reopened.captions) == len(full.captions)
+    assert sorted(it["id"] for it in reopened.image_index.items) == sorted(full.keys())
+    assert len(reopened.caption_index) == len(full.captions)
     # The opener that saved last had caught up with the other's rows before adding its own.
-    assert max(len(first.images), len(second.images)) == len(full.images)
+    assert max(len(first.image_index), len(second.image_index)) == len(full.images)
     # An id another opener added meanwhile is refused, not duplicated.
     with pytest.raises(DataError, match="already in the index"):
-        first.append(np.zeros((1, first.images.dim), np.float32), [{"id": full.keys()[-1]}])
+        first.append(np.zeros((1, first.image_index.dim), np.float32), [{"id": full.keys()[-1]}])
 
 
 def test_index_from_another_model_is_refused(corpus_dir, store_dir, model_dir, tmp_path):
@@ -219,7 +220,8 @@ def test_rerank_reorders_the_dot_top_k_by_fused_scores(corpus_dir, model_dir, tm
     from lightningdot.config import RerankerConfig
     from lightningdot.features import create_backbone
     from lightningdot.features.extract import extract_images
-    from lightningdot.rerank import Reranker, save_reranker
+    from lightningdot.model.checkpoint import save_reranker
+    from lightningdot.model.reranker import Reranker
 
     model = open_model(model_dir)
     corpus = read_karpathy(corpus_dir / "captions.json", "train")  # 8 distinct colours: no ties
@@ -245,7 +247,7 @@ def test_rerank_reorders_the_dot_top_k_by_fused_scores(corpus_dir, model_dir, tm
     assert [x.id for x in ranked.results] == want
     assert set(ranked.timing_ms) == {"encode", "search", "rerank", "total"}
     # Without a feature store the candidates' regions come from their files: the same answer.
-    r.features = None
+    r.regions.store = None
     assert [x.id for x in r.search_text([q], k=2, rerank=4)[0].results] == want
     (caps,) = r.search_image([corpus_dir / "images" / "img03.png"], k=3, rerank=5)
     assert len(caps.results) == 3

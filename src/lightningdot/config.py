@@ -1,4 +1,4 @@
-"""Typed configuration: the model, training, and their (de)serialisation.
+"""Typed configuration: the model, training, indexes, serving, and their (de)serialisation.
 
 Configs are dataclasses validated in `__post_init__`. They travel as JSON beside every
 checkpoint and as TOML in `recipes/`; unknown keys are an error, so a typo never passes silently.
@@ -7,7 +7,6 @@ checkpoint and as TOML in `recipes/`; unknown keys are an error, so a typo never
 from __future__ import annotations
 
 import dataclasses
-import json
 import tomllib
 import types
 import typing
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lightningdot.errors import ConfigMismatchError, DataError
+from lightningdot.io import read_json
 
 T = TypeVar("T")
 
@@ -134,17 +134,62 @@ class DataConfig:
 
 
 @dataclass
+class LoopConfig:
+    """What every trainer's loop shares (`lightningdot.training.loop`): the `[loop]` table of a
+    recipe."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 5e-4  # the base learning rate; a recipe may give some parts another
+    weight_decay: float = 0.01  # not applied to biases, LayerNorms and temperatures
+    warmup: float = 0.05  # fraction of all steps with a linear warm-up, then a cosine decay
+    grad_clip: float = 1.0  # largest gradient norm; 0 leaves gradients as they are
+    # Mixed precision: the models' matrix products in bfloat16 (weights, optimiser and loss
+    # terms stay float32), in training steps and in the per-epoch validation that picks `best`.
+    # Faster on a CPU with AVX512-BF16 (or AMX) or a GPU. A CPU without them only emulates
+    # bfloat16, several times slower than float32: there training says so and runs in float32,
+    # and the recipe saved with the run records float32.
+    bf16: bool = False
+    seed: int = 0
+    threads: int = 0  # torch threads; 0 keeps torch's default
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("need epochs >= 1 and batch_size >= 1")
+        if not 0 <= self.warmup < 1 or self.grad_clip < 0 or self.threads < 0:
+            raise ValueError("need 0 <= warmup < 1, grad_clip >= 0 and threads >= 0")
+
+
+def _loop_default(**overrides: Any) -> Any:
+    """A `loop` field whose defaults suit one trainer."""
+    return field(default_factory=lambda: LoopConfig(**overrides))
+
+
+def _lift_loop_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """Recipes and saved runs written before the `[loop]` table kept its keys at the top."""
+    names = {f.name for f in dataclasses.fields(LoopConfig)}
+    flat = {k: v for k, v in data.items() if k in names}
+    if not flat:
+        return data
+    rest = {k: v for k, v in data.items() if k not in names}
+    return rest | {"loop": flat | dict(data.get("loop", {}))}
+
+
+def _need_negatives(loop: LoopConfig) -> None:
+    if loop.batch_size < 2:
+        raise ValueError("need batch_size >= 2 (CMR uses in-batch negatives)")
+
+
+@dataclass
 class TrainConfig:
+    """`ldot finetune` and `ldot pretrain`: the bi-encoder trained with its objectives."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objectives: ObjectiveWeights = field(default_factory=ObjectiveWeights)
+    loop: LoopConfig = _loop_default()  # `lr` is that of the new parts: image encoder, heads
     init_from: str = ""  # a checkpoint folder to start from (fine-tuning after pre-training)
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 5e-4  # new parts: image encoder, heads, projections
     text_lr: float = 5e-5  # the pretrained text layers
-    weight_decay: float = 0.01
-    warmup: float = 0.05  # fraction of all steps with a linear warm-up
     mask_prob: float = 0.15  # VMLM tokens and SMRM regions
     # Initial softmax temperature of CMR, learned unless `learn_temperature` is off.
     temperature: float = 0.05
@@ -153,13 +198,11 @@ class TrainConfig:
     # patches): a regulariser against memorising 6,000 images, and a cheaper step.
     region_keep: float = 1.0
     hard_negatives: int = 0  # images per caption mined each epoch by the model itself; 0 = off
-    grad_clip: float = 1.0
-    seed: int = 0
-    threads: int = 0  # torch threads; 0 keeps torch's default
+
+    upgrade = staticmethod(_lift_loop_keys)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 2:
-            raise ValueError("need epochs >= 1 and batch_size >= 2 (CMR uses in-batch negatives)")
+        _need_negatives(self.loop)
         if not 0 < self.mask_prob < 1:
             raise ValueError("mask_prob must be in (0, 1)")
         if not 0 < self.region_keep <= 1:
@@ -189,11 +232,13 @@ class RerankerConfig:
 
 @dataclass
 class RerankTrainConfig:
+    """`ldot train-reranker`: the re-ranker trained on negatives its bi-encoder confuses."""
+
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    # `batch_size` counts captions per step; each gives a text->image and an image->text query.
+    loop: LoopConfig = _loop_default(epochs=1, batch_size=32, lr=1e-4)
     bi_encoder: str = "default"  # model name or folder whose states the re-ranker reads
-    epochs: int = 1
-    batch_size: int = 32  # queries per step in each direction
     negatives: int = 3  # per query, drawn from the bi-encoder's top `mine_from` wrong answers
     mine_from: int = 16
     # The training loss scores candidates by cross logit + train_fusion x the bi-encoder's
@@ -205,17 +250,10 @@ class RerankTrainConfig:
     # Fraction of each image's region states a training pair sees ([IMG] always stays): an
     # augmentation, since the states are fixed and the cross-encoder soon learns them by heart.
     region_keep: float = 1.0
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup: float = 0.05
-    grad_clip: float = 1.0
-    bf16: bool = False  # training steps in bfloat16 mixed precision, as `AlignConfig.bf16`
-    seed: int = 0
-    threads: int = 0
+
+    upgrade = staticmethod(_lift_loop_keys)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("need epochs >= 1 and batch_size >= 1")
         if not 1 <= self.negatives <= self.mine_from:
             raise ValueError("need 1 <= negatives <= mine_from")
         if self.train_fusion < 0 or any(w < 0 for w in self.fusion_grid):
@@ -239,34 +277,38 @@ class AlignConfig:
     features: str = ""  # feature store of the images (`ldot extract`)
     train_split: str = "train"
     val_split: str = "val"
-    epochs: int = 6
-    batch_size: int = 128  # images per step, each with one caption in every language
-    lr: float = 1e-4  # the pretrained text layers
+    # `batch_size` counts images per step, each with one caption in every language; `lr` is
+    # that of the pretrained text layers.
+    loop: LoopConfig = _loop_default(epochs=6, batch_size=128, lr=1e-4)
     head_lr: float = 1e-3  # the new projections (one per view)
-    weight_decay: float = 0.01
-    warmup: float = 0.05
     distill: float = 1.0  # weight of the distillation term against the contrastive ones
     # Weight of pulling each caption in the other languages toward the teacher's unit mean
     # vector of its image's first-language captions: a cross-lingual target that does not need
     # translations, only captions of the same images. 0 turns it off.
     cross_distill: float = 0.0
-    grad_clip: float = 1.0
-    # Mixed precision: the student's matrix products in bfloat16 (weights, optimiser and losses
-    # stay float32), for training steps and the per-epoch validation that picks `best`. Faster
-    # on a CPU with AVX512-BF16 (or AMX) or a GPU. A CPU without them only emulates bfloat16,
-    # several times slower than float32: there training says so and runs in float32, and the
-    # recipe saved with the run records float32.
-    bf16: bool = False
-    seed: int = 0
-    threads: int = 0
+
+    upgrade = staticmethod(_lift_loop_keys)
 
     def __post_init__(self) -> None:
         if not self.annotations:
             raise ValueError("annotations must name at least one caption file")
-        if self.epochs < 1 or self.batch_size < 2:
-            raise ValueError("need epochs >= 1 and batch_size >= 2 (CMR uses in-batch negatives)")
+        _need_negatives(self.loop)
         if self.distill < 0 or self.cross_distill < 0:
             raise ValueError("distill and cross_distill must be >= 0")
+
+
+@dataclass
+class IndexConfig:
+    """How an index searches (`ldot index --factory`), saved in its `index.json`."""
+
+    # FAISS index_factory string: "Flat" is exact; e.g. "HNSW32", "IVF1024,Flat", "IVF1024,PQ32".
+    factory: str = "Flat"
+    nprobe: int = 16  # IVF: inverted lists visited per query (recall vs speed)
+    ef_search: int = 128  # HNSW: candidate list size per query (recall vs speed)
+
+    def __post_init__(self) -> None:
+        if self.nprobe < 1 or self.ef_search < 1:
+            raise ValueError("nprobe and ef_search must be positive")
 
 
 @dataclass
@@ -297,37 +339,55 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Build a (nested) config dataclass from plain data, rejecting unknown keys."""
+    """Build a (nested) config dataclass from plain data, rejecting unknown keys.
+
+    A class's `upgrade(data)` first brings an older layout up to date. A nested table fills in
+    what it leaves out from its field's default, so `[loop]` with only `epochs` keeps the
+    other defaults of the trainer it belongs to.
+    """
+    name = where or cls.__name__
     if not isinstance(data, dict):
-        raise DataError(f"config {where or cls.__name__}: expected a table, got {data!r}")
+        raise DataError(f"config {name}: expected a table, got {data!r}")
+    data = getattr(cls, "upgrade", lambda d: d)(data)
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = set(data) - names
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - set(fields)
     if unknown:
-        raise DataError(f"config {where or cls.__name__}: unknown key(s) {sorted(unknown)}")
+        raise DataError(f"config {name}: unknown key(s) {sorted(unknown)}")
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
         if isinstance(hint, types.UnionType):  # "X | None": build X when a table is given
             hint = next(a for a in typing.get_args(hint) if a is not type(None))
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = from_dict(hint, value, f"{where}.{key}" if where else key)
+            value = from_dict(
+                hint, _defaults(fields[key]) | value, f"{where}.{key}" if where else key
+            )
         kwargs[key] = value
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        raise DataError(f"config {where or cls.__name__}: {e}") from e
+        raise DataError(f"config {name}: {e}") from e
+
+
+def _defaults(f: dataclasses.Field) -> dict[str, Any]:
+    """The values of a nested config field's default, one level deep."""
+    if f.default_factory is dataclasses.MISSING:
+        return {}
+    default = f.default_factory()
+    return {g.name: getattr(default, g.name) for g in dataclasses.fields(default)}
 
 
 def load_config(cls: type[T], path: str | Path) -> T:
     """Read a config from a `.toml` (recipes) or `.json` (beside checkpoints) file."""
     path = Path(path)
+    if path.suffix != ".toml":
+        return from_dict(cls, read_json(path, "config", missing=f"config file not found: {path}"))
     if not path.is_file():
         raise DataError(f"config file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
-        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
         raise DataError(f"cannot parse {path}: {e}") from e
     return from_dict(cls, data)
 

@@ -85,3 +85,13 @@ def read_image_folder(root: str | Path) -> Corpus:
     if not files:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
     return Corpus([ImageRecord(p.relative_to(root).as_posix()) for p in files])
+
+
+def read_collection(
+    images: str | Path, annotations: str | Path | None, split: str | None
+) -> Corpus:
+    """The images (and captions) a command works on: those an annotation file names, or else
+    every image file under `images`."""
+    if annotations is not None:
+        return read_karpathy(annotations, split)
+    return read_image_folder(images)

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import torch
 
-from lightningdot import multilingual
-from lightningdot.checkpoint import index_identity, load_model
+import lightningdot.model.multilingual as multilingual
+from lightningdot.encode import RegionSource, encode_collection
 from lightningdot.errors import DataError
-from lightningdot.evaluate import file_batches
-from lightningdot.features import create_backbone
-from lightningdot.index import VectorIndex
+from lightningdot.index.vector import VectorIndex
+from lightningdot.model.checkpoint import index_identity, load_model
 
 # Photographs among scikit-image's bundled data (the rest are charts, scans or binary masks).
 GALLERY = [
@@ -80,49 +79,53 @@ class DemoResult:
 
 
 def run_demo(model_name: str = "default", k: int = 3) -> tuple[list[DemoResult], dict[str, float]]:
+    """Index the sample photos with the model, then run its text queries and one image query."""
     folder = gallery_dir()
-    paths = [folder / name for name in GALLERY if (folder / name).is_file()]
-    if not paths:
+    names = [name for name in GALLERY if (folder / name).is_file()]
+    if not names:
         raise DataError(f"no sample photos found in {folder}")
     model = load_model(model_name)
-    backbone = create_backbone(model.cfg.backbone)
+    source = RegionSource(model.cfg.backbone, root=folder)
+    _ = source.backbone  # loaded before the clock starts: the figure is the encoding alone
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        image_vecs = torch.cat([model.encode_image(b) for b in file_batches(backbone, paths)])
+    image_vecs = encode_collection(model, source, names)
     index_s = time.perf_counter() - t0
-    names = [p.name for p in paths]
     index = VectorIndex.build(image_vecs.numpy(), [{"id": n} for n in names], index_identity(model))
-    results = []
     queries = TEXT_QUERIES
     if model.cfg.text.pretrained == multilingual.NAME:
         queries = TEXT_QUERIES + OTHER_LANGUAGE_QUERIES
     with torch.inference_mode():
-        for q in queries:
-            t1 = time.perf_counter()
-            vec = model.encode_text([q]).numpy()
-            t2 = time.perf_counter()
-            scores, ids = index.search(vec, k)
-            t3 = time.perf_counter()
-            hits = [Hit(names[i], float(s)) for s, i in zip(scores[0], ids[0], strict=True)]
-            results.append(DemoResult(q, hits, 1e3 * (t2 - t1), 1e3 * (t3 - t2)))
-        # Image query: the image vector against the demo captions (image->text) and the gallery.
-        t1 = time.perf_counter()
-        (query_regions,) = list(file_batches(backbone, [folder / IMAGE_QUERY]))
-        vec = model.encode_image(query_regions)
-        t2 = time.perf_counter()
-        text_vecs = model.encode_text(TEXT_QUERIES)
-        caption_scores = (vec @ text_vecs.T)[0]
-        scores, ids = index.search(vec.numpy(), k + 1)
-        t3 = time.perf_counter()
-        best = caption_scores.topk(2)
-        hits = [
-            Hit(f"caption: {TEXT_QUERIES[i]}", float(s))
-            for s, i in zip(best.values, best.indices, strict=True)
-        ]
-        hits += [
-            Hit(names[i], float(s))
-            for s, i in zip(scores[0], ids[0], strict=True)
-            if names[i] != IMAGE_QUERY
-        ]
-        results.append(DemoResult(f"[image] {IMAGE_QUERY}", hits, 1e3 * (t2 - t1), 1e3 * (t3 - t2)))
-    return results, {"images": len(paths), "index_s": index_s}
+        results = [_text_query(model, index, names, q, k) for q in queries]
+        results.append(_image_query(model, index, names, source, k))
+    return results, {"images": len(names), "index_s": index_s}
+
+
+def _text_query(model, index: VectorIndex, names: list[str], query: str, k: int) -> DemoResult:
+    t1 = time.perf_counter()
+    vec = model.encode_text([query]).numpy()
+    t2 = time.perf_counter()
+    scores, ids = index.search(vec, k)
+    t3 = time.perf_counter()
+    hits = [Hit(names[i], float(s)) for s, i in zip(scores[0], ids[0], strict=True)]
+    return DemoResult(query, hits, 1e3 * (t2 - t1), 1e3 * (t3 - t2))
+
+
+def _image_query(model, index: VectorIndex, names, source: RegionSource, k: int) -> DemoResult:
+    """The image vector against the demo captions (image->text) and the gallery."""
+    t1 = time.perf_counter()
+    vec = model.encode_image(source.of_images([source.file(IMAGE_QUERY)]))
+    t2 = time.perf_counter()
+    caption_scores = model.score(model.encode_text(TEXT_QUERIES), vec)[:, 0]
+    scores, ids = index.search(vec.numpy(), k + 1)
+    t3 = time.perf_counter()
+    best = caption_scores.topk(2)
+    hits = [
+        Hit(f"caption: {TEXT_QUERIES[i]}", float(s))
+        for s, i in zip(best.values, best.indices, strict=True)
+    ]
+    hits += [
+        Hit(names[i], float(s))
+        for s, i in zip(scores[0], ids[0], strict=True)
+        if names[i] != IMAGE_QUERY
+    ]
+    return DemoResult(f"[image] {IMAGE_QUERY}", hits, 1e3 * (t2 - t1), 1e3 * (t3 - t2))

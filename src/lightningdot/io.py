@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of either."""
+"""Files the project writes: atomically (a reader sees the old file or the new one, never half
+of either), and JSON read back with a clear error when it is missing or damaged."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+from lightningdot.errors import DataError
 
 
 @contextlib.contextmanager
@@ -44,6 +47,27 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_jsonl(path: str | os.PathLike[str], records: list[Any]) -> None:
+    """One JSON object per line, the whole file replaced at once."""
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
+def read_json(path: str | os.PathLike[str], what: str, missing: str | None = None) -> Any:
+    """A JSON file the project wrote (a config, an index's metadata).
+
+    Raises:
+        DataError: the file is missing (`missing`, or "<what> not found") or is not valid JSON.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(missing or f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"damaged {what} {path}: {e}") from e
 
 
 def write_safetensors(

@@ -1,4 +1,4 @@
-"""Offline extraction: a list of images -> a feature store, resumable and failure-tolerant."""
+"""Offline extraction: a collection's images -> a feature store, resumable and failure-tolerant."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 
+from lightningdot.data import read_collection
 from lightningdot.errors import DataError
-from lightningdot.features.backbones import Backbone, load_image
+from lightningdot.features.backbones import Backbone, create_backbone, load_image
 from lightningdot.features.detector import read_detector_npz
 from lightningdot.features.store import FeatureStoreWriter, StoreInfo
+from lightningdot.progress import Progress, Silent
 
 
 @dataclass
@@ -116,3 +118,30 @@ def import_detector_features(
             writer.flush()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def extract_collection(
+    images: Path,
+    out: Path,
+    annotations: Path | None = None,
+    split: str | None = None,
+    backbone: str = "efficientnet-lite2",
+    detector: bool = False,
+    batch_size: int = 32,
+    shard_size: int = 256,
+    progress: Progress | None = None,
+) -> ExtractSummary:
+    """`ldot extract`: the images an annotation file names (or all under `images`) through the
+    backbone, or with `detector` every `.npz` of precomputed regions under `images`."""
+    progress = progress or Silent()
+    if detector:
+        files = sorted(images.rglob("*.npz")) if images.is_dir() else []
+        if not files:
+            raise DataError(f"no .npz detector files under {images}")
+        items = [(p.relative_to(images).with_suffix("").as_posix(), p) for p in files]
+        progress.start(len(items), "importing")
+        return import_detector_features(items, out, shard_size, progress.advance)
+    items = [(k, images / k) for k in read_collection(images, annotations, split).keys()]
+    net = create_backbone(backbone)
+    progress.start(len(items), "extracting")
+    return extract_images(items, out, net, batch_size, shard_size, progress.advance)

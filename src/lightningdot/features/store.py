@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.features.regions import RegionBatch, RegionFeatures, collate_regions
-from lightningdot.io import write_json, write_safetensors
+from lightningdot.io import read_json, write_json, write_safetensors
 
 STORE_VERSION = 1
 
@@ -42,11 +42,14 @@ class FeatureStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         info_path = self.root / "store.json"
-        if not info_path.is_file():
-            raise DataError(f"not a feature store (no store.json): {self.root}")
+        info = read_json(
+            info_path,
+            "feature store info",
+            missing=f"not a feature store (no store.json): {self.root}",
+        )
         try:
-            self.info = StoreInfo(**json.loads(info_path.read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
+            self.info = StoreInfo(**info)
+        except TypeError as e:
             raise DataError(f"malformed {info_path}: {e}") from e
         self._where: dict[str, tuple[Path, int]] = {}
         for shard in sorted(self.root.glob("shard-*.safetensors")):

@@ -1,0 +1,122 @@
+"""What the command line shows: progress bars and tables (rich, on the terminal)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=True)  # messages and bars; results go to standard output
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+class Bar:
+    """`lightningdot.progress.Progress` drawn as a rich progress bar."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar, self.task = bar, None
+
+    def start(self, total: int, label: str) -> None:
+        self.task = self.bar.add_task(label, total=total)
+
+    def advance(self, n: int) -> None:
+        self.bar.advance(self.task, n)
+
+    def say(self, message: str) -> None:
+        """Rename the bar: the work went on to another stage."""
+        self.bar.update(self.task, description=message)
+
+
+def step_reporter(bar: Progress, label: str, epochs: int):
+    """A training loop's `on_step` callback that moves a progress bar and shows the loss."""
+    task = bar.add_task(label, total=None)
+
+    def on_step(epoch: int, step: int, steps: int, losses: dict[str, float]) -> None:
+        bar.update(
+            task,
+            total=steps,
+            completed=step + 1,
+            description=f"{label} epoch {epoch + 1}/{epochs} loss {losses['loss']:.3f}",
+        )
+
+    return on_step
+
+
+def print_metrics(m: dict) -> None:
+    table = Table(title=f"{m['n_images']} images, {m['n_captions']} captions")
+    for col in ("direction", "R@1", "R@5", "R@10"):
+        table.add_column(col, justify="right")
+    for d, name in (("t2i", "text->image"), ("i2t", "image->text")):
+        table.add_row(name, *(f"{m[d][k]:.2f}" for k in ("r1", "r5", "r10")))
+    table.add_row("AR", f"{m['ar']:.2f}", "", "")
+    Console().print(table)
+
+
+def print_bench(report, threads: int) -> None:
+    table = Table(title=f"{report.gallery} images, {threads} threads")
+    for col in ("method", "ms / query (median)", "speed-up vs cross_full", "AR"):
+        table.add_column(col, justify="right")
+    for name in ("dot", "dot_rerank", "cross_full"):
+        ar = report.recall.get(name, {}).get("ar")
+        table.add_row(
+            name,
+            f"{report.ms_per_query[name]:.2f}",
+            f"{report.speedup.get(name, 1.0):.0f}x",
+            "" if ar is None else f"{ar:.2f}",
+        )
+    Console().print(table)
+
+
+def print_answers(labels: list[str], answers: list, as_json: bool) -> None:
+    """Search results: a table per query, or JSON (one object, or a list for several)."""
+    if as_json:
+        payload = [
+            {
+                "query": q,
+                "results": [dataclasses.asdict(r) for r in a.results],
+                "timing_ms": a.timing_ms,
+            }
+            for q, a in zip(labels, answers, strict=True)
+        ]
+        print(json.dumps(payload if len(payload) > 1 else payload[0], ensure_ascii=False, indent=1))
+        return
+    out = Console()
+    for q, a in zip(labels, answers, strict=True):
+        stages = ", ".join(
+            f"{name} {ms:.1f} ms" for name, ms in a.timing_ms.items() if name != "total"
+        )
+        table = Table(title=escape(f"{q!r}  ({stages})"), title_justify="left")
+        for col in ("rank", "score", "image", "caption"):
+            table.add_column(col)
+        for rank, r in enumerate(a.results, 1):
+            table.add_row(
+                str(rank), f"{r.score:.3f}", escape(r.path or ""), escape(r.caption or "")
+            )
+        out.print(table)
+
+
+def print_demo(results: list, info: dict) -> None:
+    out = Console()
+    out.print(f"indexed {info['images']} photos in {info['index_s']:.2f} s")
+    for r in results:
+        title = f"{r.query!r}  (encode {r.encode_ms:.1f} ms, search {r.search_ms:.2f} ms)"
+        table = Table(title=escape(title), title_justify="left")
+        table.add_column("rank", justify="right")
+        table.add_column("result")
+        table.add_column("score", justify="right")
+        for rank, hit in enumerate(r.hits, 1):
+            table.add_row(str(rank), hit.name, f"{hit.score:.3f}")
+        out.print(table)

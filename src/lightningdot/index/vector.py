@@ -1,0 +1,265 @@
+"""A FAISS index that travels with its ids, its items' metadata and the model that made it.
+
+Layout of an index folder (written whole, atomically):
+
+    index.faiss   the FAISS index (inner product); row i is items[i]
+    items.json    one entry per vector: {"id", "path"?, "captions"?, ...}
+    index.json    {"format", "model_id", "dim", "count", "config": IndexConfig, "prior"?,
+                   "revision": a fresh token per save, so a writer can tell the folder changed}
+    bank.npy      with a query-bank prior (`lightningdot.model.prior`): the bank, (N, dim) float32
+
+Loading checks that the file, the items and the model agree, and refuses otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from lightningdot.config import IndexConfig, from_dict
+from lightningdot.errors import ConfigMismatchError, DataError
+from lightningdot.io import atomic_dir, read_json
+from lightningdot.model.prior import QueryBank, gallery_side, hub_prior
+
+FORMAT = 1
+
+
+def _as_matrix(vectors: Any, dim: int | None = None) -> np.ndarray:
+    x = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+    if x.ndim != 2 or (dim is not None and x.shape[1] != dim):
+        want = f"(N, {dim})" if dim is not None else "(N, D)"
+        raise ConfigMismatchError(f"vectors must be {want}, got {x.shape}")
+    return x
+
+
+@dataclass
+class IndexPrior:
+    """The query-bank prior of an index's items (`lightningdot.prior`)."""
+
+    bank: np.ndarray  # (N, D) vectors of typical queries of this index
+    beta: float
+
+    def of(self, vectors: np.ndarray) -> np.ndarray:
+        """(G, D) item vectors -> (G, D + 1) with each item's prior last."""
+        x = torch.from_numpy(vectors)
+        prior = hub_prior(x, torch.from_numpy(self.bank), self.beta)
+        return np.ascontiguousarray(gallery_side(x, prior).numpy())
+
+
+def priors_of(bank: QueryBank | None) -> tuple[IndexPrior | None, IndexPrior | None]:
+    """A model's query bank -> the priors of (an image index, a caption index): images are
+    searched by text queries, captions by image queries."""
+    if bank is None:
+        return None, None
+    return IndexPrior(bank.text.float().numpy(), bank.beta), IndexPrior(
+        bank.image.float().numpy(), bank.beta
+    )
+
+
+class VectorIndex:
+    """Inner-product search over unit vectors, with the item behind each row.
+
+    With a prior, each row also holds its item's prior and each query gets a 1 in that place, so
+    the scores searched and returned are q·g + prior(g).
+    """
+
+    def __init__(
+        self,
+        index: faiss.Index,
+        items: list[dict],
+        model_id: str,
+        cfg: IndexConfig,
+        prior: IndexPrior | None = None,
+        revision: str | None = None,  # of the folder it was loaded from or saved to
+    ):
+        if index.ntotal != len(items):
+            raise DataError(f"index holds {index.ntotal} vectors but {len(items)} items")
+        self.index, self.items, self.model_id, self.cfg = index, items, model_id, cfg
+        self.prior, self.revision = prior, revision
+        self._rows: dict[str, int] | None = None  # id -> row, built on first lookup
+        self._apply_search_params()
+
+    @classmethod
+    def build(
+        cls,
+        vectors: Any,
+        items: list[dict],
+        model_id: str,
+        cfg: IndexConfig | None = None,
+        prior: IndexPrior | None = None,
+    ) -> VectorIndex:
+        cfg = cfg or IndexConfig()
+        x = _as_matrix(vectors, None if prior is None else prior.bank.shape[1])
+        if len(x) != len(items):
+            raise ValueError(f"{len(x)} vectors for {len(items)} items")
+        if prior is not None:
+            x = prior.of(x)
+        try:
+            index = faiss.index_factory(x.shape[1], cfg.factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            raise DataError(f"FAISS cannot build {cfg.factory!r}: {e}") from e
+        if not index.is_trained:
+            try:
+                index.train(x)
+            except RuntimeError as e:
+                raise DataError(f"training {cfg.factory!r} on {len(x)} vectors failed: {e}") from e
+        index.add(x)
+        return cls(index, list(items), model_id, cfg, prior)
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the vectors it takes (the prior's coordinate not counted)."""
+        return self.index.d - (self.prior is not None)
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    def add(self, vectors: Any, items: list[dict]) -> None:
+        """Append items without a rebuild (a trained IVF index keeps its coarse centroids)."""
+        x = _as_matrix(vectors, self.dim)
+        if len(x) != len(items):
+            raise ValueError(f"{len(x)} vectors for {len(items)} items")
+        self.index.add(x if self.prior is None else self.prior.of(x))
+        self.items.extend(items)
+        self._rows = None
+
+    def copy(self) -> VectorIndex:
+        """An independent in-memory copy (of a memory-mapped index too), to grow while the
+        original keeps answering searches."""
+        return VectorIndex(
+            faiss.clone_index(self.index),
+            list(self.items),
+            self.model_id,
+            self.cfg,
+            self.prior,
+            self.revision,
+        )
+
+    def row(self, item_id: str) -> int | None:
+        """The row of the item with this id, or None."""
+        if self._rows is None:
+            self._rows = {it["id"]: i for i, it in enumerate(self.items)}
+        return self._rows.get(item_id)
+
+    def search(
+        self, queries: Any, k: int, with_prior: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, D) queries -> (Q, k') scores and row ids, best first; k' = min(k, len(self)).
+
+        `with_prior=False` ranks by the dot product alone (a 0 where the prior's 1 would be),
+        for queries of another kind than the bank's, such as images against an image index.
+        """
+        q = _as_matrix(queries, self.dim)
+        if self.prior is not None:
+            weight = np.full((len(q), 1), 1.0 if with_prior else 0.0, np.float32)
+            q = np.ascontiguousarray(np.hstack([q, weight]))
+        k = max(1, min(k, len(self)))
+        return self.index.search(q, k)
+
+    def _apply_search_params(self) -> None:
+        inner = faiss.downcast_index(self.index)
+        if hasattr(inner, "nprobe"):
+            inner.nprobe = self.cfg.nprobe
+        hnsw = getattr(inner, "hnsw", None)
+        if hnsw is not None:
+            hnsw.efSearch = self.cfg.ef_search
+
+    def save(self, folder: str | Path) -> None:
+        revision = uuid.uuid4().hex
+        with atomic_dir(folder) as tmp:
+            faiss.write_index(self.index, str(tmp / "index.faiss"))
+            (tmp / "items.json").write_text(json.dumps(self.items, ensure_ascii=False))
+            meta = {
+                "format": FORMAT,
+                "model_id": self.model_id,
+                "dim": self.dim,
+                "count": len(self),
+                "config": asdict(self.cfg),
+                "revision": revision,
+            }
+            if self.prior is not None:
+                meta["prior"] = {"beta": self.prior.beta, "bank": len(self.prior.bank)}
+                np.save(tmp / "bank.npy", self.prior.bank.astype(np.float32))
+            (tmp / "index.json").write_text(json.dumps(meta, indent=2))
+        self.revision = revision
+
+    @staticmethod
+    def revision_in(folder: str | Path) -> str | None:
+        """The revision of the index saved in `folder` (None: none, or saved without one)."""
+        try:
+            return read_json(Path(folder) / "index.json", "index metadata").get("revision")
+        except DataError:
+            return None
+
+    @classmethod
+    def load(
+        cls, folder: str | Path, model_id: str | None = None, mmap: bool = False
+    ) -> VectorIndex:
+        """Read an index folder; with `model_id`, refuse an index another model made.
+
+        `mmap` maps the index file instead of reading it, where FAISS supports it for the type.
+        """
+        folder = Path(folder)
+        missing = f"not an index folder (no index.json): {folder}"
+        meta = read_json(folder / "index.json", "index metadata", missing)
+        items = read_json(folder / "items.json", "index items")
+        if meta.get("format") != FORMAT:
+            raise DataError(f"{folder}: unknown index format {meta.get('format')!r}")
+        if model_id is not None and meta["model_id"] != model_id:
+            raise ConfigMismatchError(
+                f"index {folder} was made by model {meta['model_id'][:12]}, not by the loaded "
+                f"model {model_id[:12]}; rebuild it with `ldot index` or load the same model"
+            )
+        index = _read_faiss(folder / "index.faiss", mmap)
+        prior = _read_prior(folder, meta) if "prior" in meta else None
+        if index.d != meta["dim"] + (prior is not None) or index.ntotal != meta["count"]:
+            raise DataError(
+                f"{folder}: index.faiss has {index.ntotal} x {index.d}, index.json says "
+                f"{meta['count']} x {meta['dim']}{' + prior' if prior is not None else ''}"
+            )
+        config = from_dict(IndexConfig, meta["config"])
+        return cls(index, items, meta["model_id"], config, prior, meta.get("revision"))
+
+
+def _read_faiss(path: Path, mmap: bool) -> faiss.Index:
+    """The index file, memory-mapped where FAISS can map its type and `mmap` asks for it."""
+    try:
+        try:
+            flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+            return faiss.read_index(str(path), flags)
+        except RuntimeError:
+            if not mmap:
+                raise
+            return faiss.read_index(str(path))  # an index type FAISS cannot map
+    except RuntimeError as e:
+        raise DataError(f"damaged or truncated index file {path}: {e}") from e
+
+
+def _read_prior(folder: Path, meta: dict) -> IndexPrior:
+    try:
+        bank = np.load(folder / "bank.npy")
+    except (OSError, ValueError) as e:
+        raise DataError(f"damaged or missing query bank {folder / 'bank.npy'}: {e}") from e
+    if bank.shape != (meta["prior"]["bank"], meta["dim"]):
+        raise DataError(
+            f"{folder}: bank.npy is {bank.shape}, index.json says "
+            f"({meta['prior']['bank']}, {meta['dim']})"
+        )
+    return IndexPrior(bank.astype(np.float32), float(meta["prior"]["beta"]))
+
+
+def recall_against_exact(
+    index: VectorIndex, exact: VectorIndex, queries: Any, k: int = 10
+) -> float:
+    """Mean fraction of the exact top-k that the index also returns (1.0 for an exact index)."""
+    _, got = index.search(queries, k)
+    _, want = exact.search(queries, k)
+    hits = [len(set(g) & set(w)) / len(w) for g, w in zip(got.tolist(), want.tolist(), strict=True)]
+    return float(np.mean(hits))

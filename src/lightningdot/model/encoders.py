@@ -1,0 +1,283 @@
+"""The two encoders of LightningDOT and the bi-encoder that scores them by a dot product.
+
+    captions -> TextEncoder  -> [CLS] state -> projection -> text vector  ┐
+                                                                          ├─ dot product
+    regions  -> ImageEncoder -> [IMG] state -> projection -> image vector ┘
+
+Neither encoder sees the other modality, so image vectors can be computed once, offline.
+
+With `ModelConfig.pooled_dim`, each global vector is the concatenation of two unit "views",
+scaled to unit length: the transformer view above, and a pooled view (a linear map of the
+pooled text state; of the normalised mean region feature). Each view has its own CMR loss, and
+the score is still one dot product: the mean of the two views' cosines.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertModel, PreTrainedTokenizerBase
+
+from lightningdot.config import BertSize, ImageConfig, ModelConfig, TextConfig
+from lightningdot.errors import ConfigMismatchError, DataError
+from lightningdot.features.regions import RegionBatch
+from lightningdot.model.pooling import join_views, mean_pool
+from lightningdot.model.pretrained import (
+    DEFAULT_TOKENIZER,
+    bert_config,
+    load_pretrained_text,
+    load_tokenizer,
+)
+from lightningdot.model.prior import QueryBank
+
+
+class TextEncoder(nn.Module):
+    """A BERT-family encoder; its [CLS] output, projected, is the global text vector."""
+
+    def __init__(
+        self, cfg: TextConfig, embed_dim: int, dropout: float = 0.1, pooled_dim: int = 0
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.bert = BertModel(bert_config(cfg.size, dropout), add_pooling_layer=False)
+        self.proj = nn.Linear(cfg.size.hidden_size, embed_dim)
+        self.pooled_proj = nn.Linear(cfg.size.hidden_size, pooled_dim) if pooled_dim else None
+
+    def load_pretrained(self) -> PreTrainedTokenizerBase | None:
+        """Copy in the packaged weights named by the config (checked by hash); return their
+        tokenizer."""
+        if self.cfg.pretrained is None:
+            return None
+        ref, tokenizer = load_pretrained_text(self.cfg.pretrained)
+        got = ref.config
+        want = self.cfg.size
+        if (got.hidden_size, got.num_hidden_layers, got.vocab_size) != (
+            want.hidden_size,
+            want.num_layers,
+            want.vocab_size,
+        ):
+            raise ConfigMismatchError(
+                f"pretrained {self.cfg.pretrained!r} is {got.num_hidden_layers} layers x "
+                f"{got.hidden_size} (vocab {got.vocab_size}); the config asks for "
+                f"{want.num_layers} x {want.hidden_size} (vocab {want.vocab_size})"
+            )
+        self.bert.load_state_dict(ref.state_dict())
+        return tokenizer
+
+    def freeze_lower(self) -> None:
+        """Freeze the embeddings and every layer below the top `trainable_layers`."""
+        n_frozen = self.cfg.size.num_layers - self.cfg.trainable_layers
+        self.bert.embeddings.requires_grad_(False)
+        for layer in self.bert.encoder.layer[:n_frozen]:
+            layer.requires_grad_(False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, H) token states."""
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def pool(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) states -> (B, H) global state ([CLS], or the mean over real tokens)."""
+        if self.cfg.pooling == "cls":
+            return states[:, 0]
+        return mean_pool(states, attention_mask)
+
+    def views(self, states: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """(B, T, H) states -> a (B, ·) unit vector per view: transformer, then pooled if any."""
+        pooled = self.pool(states, attention_mask)
+        heads = [self.proj] if self.pooled_proj is None else [self.proj, self.pooled_proj]
+        return [F.normalize(head(pooled), dim=-1) for head in heads]
+
+
+class ImageEncoder(nn.Module):
+    """A transformer over [IMG] + region tokens; the [IMG] output, projected, is the image vector.
+
+    A region token is LayerNorm(W_f f) + LayerNorm(W_b b) for feature f and box b, as in UNITER;
+    the regions are a set, so all tokens share one position embedding.
+    """
+
+    def __init__(
+        self,
+        cfg: ImageConfig,
+        size: BertSize,
+        embed_dim: int,
+        dropout: float = 0.1,
+        pooled_dim: int = 0,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h = size.hidden_size
+        self.feature_embed = nn.Sequential(
+            nn.Linear(cfg.feature_dim, h), nn.LayerNorm(h, eps=1e-12)
+        )
+        self.box_embed = nn.Sequential(nn.Linear(7, h), nn.LayerNorm(h, eps=1e-12))
+        self.img_token = nn.Parameter(torch.randn(h) * 0.02)
+        layers = BertSize(h, cfg.num_layers, size.num_heads, size.intermediate_size, 1, 2)
+        self.bert = BertModel(bert_config(layers, dropout), add_pooling_layer=False)
+        self.proj = nn.Linear(h, embed_dim)
+        # LayerNorm rather than fixed feature statistics: nothing to estimate from a data set.
+        self.pooled = (
+            nn.Sequential(nn.LayerNorm(cfg.feature_dim), nn.Linear(cfg.feature_dim, pooled_dim))
+            if pooled_dim
+            else None
+        )
+
+    def init_from_text(self, text_bert: BertModel) -> None:
+        """Start from the text encoder's embeddings LayerNorm and its bottom layers."""
+        emb, src = self.bert.embeddings, text_bert.embeddings
+        emb.LayerNorm.load_state_dict(src.LayerNorm.state_dict())
+        emb.position_embeddings.weight.data.copy_(src.position_embeddings.weight[:2])
+        emb.token_type_embeddings.weight.data.copy_(src.token_type_embeddings.weight)
+        for mine, theirs in zip(self.bert.encoder.layer, text_bert.encoder.layer, strict=False):
+            mine.load_state_dict(theirs.state_dict())
+
+    def embed(self, regions: RegionBatch, masked: torch.Tensor | None = None) -> torch.Tensor:
+        """Region tokens (B, R, H); regions where `masked` is True get a zero feature (SMRM)."""
+        feats = regions.features
+        if masked is not None:
+            feats = feats.masked_fill(masked.unsqueeze(-1), 0.0)
+        return self.feature_embed(feats) + self.box_embed(regions.boxes)
+
+    def forward(self, regions: RegionBatch, masked: torch.Tensor | None = None) -> torch.Tensor:
+        """Regions -> (B, 1 + R, H) states; position 0 is [IMG]."""
+        tokens = self.embed(regions, masked)
+        b = tokens.shape[0]
+        img = self.img_token.expand(b, -1).to(tokens.dtype)
+        if self.cfg.img_token_adds_mean:
+            img = img + mean_pool(tokens, regions.mask)
+        tokens = torch.cat([img.unsqueeze(1), tokens], dim=1)
+        mask = torch.cat([regions.mask.new_ones(b, 1), regions.mask], dim=1).long()
+        zeros = torch.zeros_like(mask)
+        out = self.bert(
+            inputs_embeds=tokens,
+            attention_mask=mask,
+            position_ids=zeros,
+            token_type_ids=torch.ones_like(mask),  # segment 1: the image side, as in UNITER
+        )
+        return out.last_hidden_state
+
+    def views(self, states: torch.Tensor, regions: RegionBatch) -> list[torch.Tensor]:
+        """(B, 1 + R, H) states of `regions` -> a (B, ·) unit vector per view."""
+        views = [self.proj(states[:, 0])]
+        if self.pooled is not None:
+            views.append(self.pooled(mean_pool(regions.features, regions.mask)))
+        return [F.normalize(v, dim=-1) for v in views]
+
+
+class BiEncoder(nn.Module):
+    """LightningDOT's dual encoder: `encode_text`, `encode_image`, `score`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.text = TextEncoder(cfg.text, cfg.embed_dim, cfg.dropout, cfg.pooled_dim)
+        self.image = ImageEncoder(
+            cfg.image, cfg.text.size, cfg.embed_dim, cfg.dropout, cfg.pooled_dim
+        )
+        # exp(logit_scale) = 1 / temperature of CMR's softmax, one per view
+        self.logit_scale = nn.Parameter(torch.tensor(0.0))
+        self.pooled_logit_scale = nn.Parameter(torch.tensor(0.0)) if cfg.pooled_dim else None
+        self._tokenizer = None
+        self._warned_truncation = False
+        # Typical queries of each kind, for indexes' query-bank priors (`ldot bank`); not weights.
+        self.bank: QueryBank | None = None
+
+    def init_pretrained(self, temperature: float = 0.05) -> None:
+        """Load packaged text weights, derive the image transformer from them, freeze as configured."""
+        self._tokenizer = self.text.load_pretrained()
+        if self.cfg.image.init_from_text:
+            self.image.init_from_text(self.text.bert)
+        self.text.freeze_lower()
+        for scale in self.logit_scales:
+            scale.data.fill_(math.log(1.0 / temperature))
+
+    @property
+    def logit_scales(self) -> list[nn.Parameter]:
+        """CMR's log inverse temperature of each view, in the order of `views`."""
+        if self.pooled_logit_scale is None:
+            return [self.logit_scale]
+        return [self.logit_scale, self.pooled_logit_scale]
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.cfg.text.pretrained or DEFAULT_TOKENIZER)
+        return self._tokenizer
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Captions -> padded `input_ids` and `attention_mask`, truncated to `max_length`.
+
+        Raises:
+            DataError: a caption is empty or only white space.
+        """
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise DataError("a text query or caption is empty")
+        if self.cfg.text.prefix:
+            texts = [self.cfg.text.prefix + t for t in texts]
+        max_len = self.cfg.text.max_length
+        enc = self.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=max_len,
+            return_tensors="pt",
+            return_overflowing_tokens=False,
+            return_length=False,
+        )
+        if not self._warned_truncation and enc["input_ids"].shape[1] == max_len:
+            full = self.tokenizer(texts, truncation=False)["input_ids"]
+            if any(len(ids) > max_len for ids in full):
+                warnings.warn(
+                    f"captions longer than {max_len} tokens are truncated to the model's maximum",
+                    stacklevel=2,
+                )
+                self._warned_truncation = True
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def encode_text(self, texts: list[str] | dict[str, torch.Tensor]) -> torch.Tensor:
+        """Captions (strings or `tokenize` output) -> (B, vector_dim) unit text vectors."""
+        batch = self.tokenize(texts) if isinstance(texts, list) else texts
+        device = self.logit_scale.device
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        return join_views(self.text.views(self.text(ids, mask), mask))
+
+    def encode_image(self, regions: RegionBatch) -> torch.Tensor:
+        """Regions of B images -> (B, vector_dim) unit image vectors."""
+        regions = regions.to(self.logit_scale.device)
+        return join_views(self.image.views(self.image(regions), regions))
+
+    @staticmethod
+    def score(text_vectors: torch.Tensor, image_vectors: torch.Tensor) -> torch.Tensor:
+        """(Q, E) x (G, E) -> (Q, G) dot products."""
+        return text_vectors @ image_vectors.T
+
+    def adopt_image_side(self, other: BiEncoder) -> None:
+        """Take `other`'s image encoder, CMR temperatures and query bank, frozen: this model
+        then searches the indexes `other` builds, with their priors."""
+        self.image.load_state_dict(other.image.state_dict())
+        self.image.requires_grad_(False)
+        for mine, theirs in zip(self.logit_scales, other.logit_scales, strict=True):
+            mine.data.copy_(theirs.data)
+            mine.requires_grad_(False)
+        self.bank = other.bank
+
+    def stored_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint must hold: the parameters the config trains (every text parameter
+        when no packaged weights can rebuild them), whatever is frozen at the moment; with
+        `image_from`, the text side alone."""
+        n_frozen = self.cfg.text.size.num_layers - self.cfg.text.trainable_layers
+        packaged = self.cfg.text.pretrained is not None
+        frozen = ("text.bert.embeddings.",) + tuple(
+            f"text.bert.encoder.layer.{i}." for i in range(n_frozen)
+        )
+        if self.cfg.image_from:
+            return {
+                n: p
+                for n, p in self.text.named_parameters(prefix="text")
+                if not (packaged and n.startswith(frozen))
+            }
+        return {n: p for n, p in self.named_parameters() if not (packaged and n.startswith(frozen))}

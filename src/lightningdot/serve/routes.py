@@ -1,0 +1,210 @@
+"""The routes, grouped by what they serve; each group closes over the service and its limits.
+
+    GET  /search           text -> images
+    POST /search/image     image -> captions, and similar images
+    POST /images           add images to the index while it serves
+    GET  /images/{id}      an indexed image, or its thumbnail (?size=N)
+    GET  /  /healthz  /metrics   the web page, what is loaded, Prometheus text
+
+The routes own no model logic: they read the request, call the `Retriever` through the
+service, and shape the answer.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures at run time, and
+# they refer to the local `cfg`.
+import functools
+import io
+import time
+from dataclasses import asdict
+from importlib import resources
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from lightningdot.errors import LightningDotError
+from lightningdot.features import load_image
+from lightningdot.retrieval import ImageAnswer, check_query
+from lightningdot.serve.schemas import (
+    ERRORS,
+    AddedImage,
+    AddResponse,
+    ErrorResponse,
+    Health,
+    ImageSearchResponse,
+    SearchResponse,
+    image_url,
+    to_hit,
+)
+from lightningdot.serve.service import Service, TextQuery
+
+PAGE = resources.files("lightningdot.serve").joinpath("static/index.html")
+
+
+async def read_upload(f: UploadFile) -> tuple[str, bytes]:
+    data = await f.read()
+    name = f.filename or "upload"
+    if not data:
+        raise HTTPException(400, f"{name}: the uploaded file is empty")
+    return name, data
+
+
+def query_routes(service: Service) -> APIRouter:
+    """Text and image queries."""
+    router, cfg, retriever = APIRouter(), service.cfg, service.retriever
+
+    @router.get("/search", response_model=SearchResponse, responses=ERRORS)
+    async def search(
+        q: Annotated[
+            str,
+            Query(min_length=1, max_length=cfg.max_query_chars, description="The text query."),
+        ],
+        k: Annotated[int, Query(ge=1, le=cfg.max_k, description="Results to return.")] = 10,
+        rerank: Annotated[
+            int,
+            Query(ge=0, le=cfg.max_rerank, description="Re-rank the top K (0: off)."),
+        ] = 0,
+    ) -> SearchResponse:
+        """Text -> images: the indexed images that best match the query."""
+        if not q.strip():
+            raise HTTPException(400, "the query is empty")
+        check_query(k, rerank, retriever.reranker)  # before it waits in the queue
+        answer = await service.search_text(TextQuery(q, k, rerank))
+        service.metrics.observe("/search", answer.timing_ms)
+        results = [to_hit(r) for r in answer.results]
+        return SearchResponse(query=q, results=results, timing_ms=answer.timing_ms)
+
+    @router.post(
+        "/search/image",
+        response_model=ImageSearchResponse,
+        responses=ERRORS,
+        max_body_size=cfg.max_upload_bytes,
+    )
+    async def search_image(
+        file: Annotated[UploadFile, File(description="The query image.")],
+        k: Annotated[int, Form(ge=1, le=cfg.max_k)] = 10,
+        rerank: Annotated[int, Form(ge=0, le=cfg.max_rerank)] = 0,
+    ) -> ImageSearchResponse:
+        """Image -> the captions that describe it and the indexed images that look like it."""
+        name, data = await read_upload(file)
+        check_query(k, rerank, retriever.reranker)
+        has_captions = retriever.caption_index is not None
+        if rerank and not has_captions:
+            raise HTTPException(400, "re-ranking needs a caption index, and this index has none")
+        received = time.perf_counter()
+
+        def work() -> ImageAnswer:
+            try:
+                image = load_image(data)
+            except LightningDotError as e:
+                raise LightningDotError(f"{name}: not an image this server can decode") from e
+            targets = ("captions", "images") if has_captions else ("images",)
+            return retriever.search_image_all([image], k, rerank, targets, [received])[0]
+
+        answer = await service.on_model_thread(work)
+        service.metrics.observe("/search/image", answer.timing_ms)
+        return ImageSearchResponse(
+            captions=[to_hit(r, r.path) for r in answer.captions or []],
+            images=[to_hit(r) for r in answer.images],
+            timing_ms=answer.timing_ms,
+        )
+
+    return router
+
+
+@functools.lru_cache(maxsize=1024)
+def thumbnail(path: str, size: int, mtime: float) -> bytes:
+    """A JPEG no larger than `size` on either side (cached; `mtime` keys out stale files)."""
+    image = load_image(path)
+    image.thumbnail((size, size))
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def image_routes(service: Service) -> APIRouter:
+    """Adding images, and reading them back."""
+    router, cfg, retriever = APIRouter(), service.cfg, service.retriever
+
+    @router.post(
+        "/images", response_model=AddResponse, responses=ERRORS, max_body_size=cfg.max_upload_bytes
+    )
+    async def add_images(
+        files: Annotated[list[UploadFile], File(description="One or more image files.")],
+    ) -> AddResponse:
+        """Add images to the index. All or nothing: one file that does not decode adds none."""
+        uploads = [await read_upload(f) for f in files]
+        received = time.perf_counter()
+        added = await service.on_add_thread(retriever.add_uploads, uploads, received)
+        service.metrics.observe("/images", added.timing_ms)
+        return AddResponse(
+            images=[
+                AddedImage(id=i, filename=name, added=new, image_url=image_url(i))
+                for (name, _), (i, new) in zip(uploads, added.images, strict=True)
+            ],
+            count=len(retriever.image_index),
+            timing_ms=added.timing_ms,
+        )
+
+    @router.get(
+        "/images/{image_id:path}",
+        responses={200: {"content": {"image/*": {}}}, 404: {"model": ErrorResponse}},
+        response_class=Response,
+    )
+    def get_image(
+        image_id: str,
+        size: Annotated[
+            int, Query(ge=0, le=1024, description="Thumbnail's longest side; 0: the file.")
+        ] = 0,
+    ) -> Response:
+        """An indexed image: its file, or a JPEG thumbnail."""
+        index = retriever.image_index
+        row = index.row(image_id)
+        if row is None:
+            raise HTTPException(404, f"no image {image_id!r} in the index")
+        path = retriever.image_file(index.items[row].get("path") or image_id)
+        if not path.is_file():
+            raise HTTPException(404, f"the file of image {image_id!r} is missing: {path.name}")
+        # Browsers must not guess a type other than the one sent (an upload is never a page).
+        headers = {"Cache-Control": "max-age=3600", "X-Content-Type-Options": "nosniff"}
+        if size == 0:
+            return FileResponse(path, headers=headers)
+        try:
+            body = thumbnail(str(path), size, path.stat().st_mtime)
+        except LightningDotError as e:
+            raise HTTPException(404, f"image {image_id!r} does not decode: {e}") from e
+        return Response(body, media_type="image/jpeg", headers=headers)
+
+    return router
+
+
+def info_routes(service: Service) -> APIRouter:
+    """The web page, health and metrics."""
+    router, retriever = APIRouter(), service.retriever
+    page = PAGE.read_text(encoding="utf-8")
+
+    @router.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index_page() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @router.get("/healthz", response_model=Health)
+    async def healthz() -> Health:
+        """Liveness, what is loaded, and the limits requests must respect."""
+        captions = retriever.caption_index
+        return Health(
+            status="ok",
+            model_id=retriever.image_index.model_id,
+            images=len(retriever.image_index),
+            captions=len(captions) if captions is not None else 0,
+            reranker=retriever.reranker is not None,
+            limits=asdict(service.cfg),
+        )
+
+    @router.get("/metrics", response_class=Response)
+    async def prometheus_metrics() -> Response:
+        """Prometheus text format."""
+        body = generate_latest(service.metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    return router

@@ -1,0 +1,79 @@
+"""What the tests share: a stand-in backbone, a tiny model config, random feature stores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lightningdot.config import BertSize, ImageConfig, ModelConfig, TextConfig
+from lightningdot.features import (
+    Backbone,
+    FeatureStoreWriter,
+    RegionFeatures,
+    StoreInfo,
+    grid_boxes,
+    register_backbone,
+)
+
+COLOURS = ["red", "green", "blue", "yellow", "black", "white", "purple", "orange"]
+FEATURE_DIM, NUM_CLASSES, GRID = 16, 10, 2
+
+
+@register_backbone("test-colour")
+class ColourBackbone(Backbone):
+    """A stand-in backbone: 4 regions whose features start with the mean colour of a quadrant."""
+
+    name, feature_dim, num_classes, image_size = "test-colour", FEATURE_DIM, NUM_CLASSES, 8
+
+    def preprocess(self, image):
+        return torch.from_numpy(np.asarray(image.resize((8, 8)), dtype=np.float32)).permute(2, 0, 1)
+
+    def forward(self, pixels):
+        q = torch.nn.functional.avg_pool2d(pixels, 4).flatten(2).transpose(1, 2)  # (B, 4, 3)
+        feats = torch.cat([q, torch.zeros(*q.shape[:2], FEATURE_DIM - 3)], -1)
+        soft = torch.full((4, NUM_CLASSES), 1.0 / NUM_CLASSES)
+        return [RegionFeatures(feats[i], grid_boxes(2, 2), soft) for i in range(len(q))]
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+    size = BertSize(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    return ModelConfig(
+        text=TextConfig(pretrained=None, size=size, trainable_layers=2, max_length=16),
+        image=ImageConfig(feature_dim=FEATURE_DIM, num_classes=NUM_CLASSES, num_layers=1),
+        embed_dim=16,
+        backbone="test-colour",
+        **overrides,
+    )
+
+
+def write_store(root: Path, keys: list[str], seed: int = 0) -> None:
+    """Random regions for each key: a GRID x GRID grid of FEATURE_DIM features."""
+    g = torch.Generator().manual_seed(seed)
+    info = StoreInfo("test", FEATURE_DIM, NUM_CLASSES)
+    with FeatureStoreWriter(root, info, shard_size=5) as w:
+        for k in keys:
+            n = GRID * GRID
+            w.add(
+                k,
+                RegionFeatures(
+                    torch.randn(n, FEATURE_DIM, generator=g),
+                    grid_boxes(GRID, GRID),
+                    torch.softmax(torch.randn(n, NUM_CLASSES, generator=g), -1),
+                ),
+            )
+
+
+def tiny_reranker(seed: int = 0, fusion: float = 1.0):
+    """A seeded re-ranker over a seeded tiny bi-encoder, both in eval mode."""
+    from lightningdot.config import RerankerConfig
+    from lightningdot.model.encoders import BiEncoder
+    from lightningdot.model.reranker import Reranker
+
+    torch.manual_seed(seed)
+    bi = BiEncoder(tiny_model_config())
+    bi.init_pretrained()
+    r = Reranker(bi.eval(), RerankerConfig(num_layers=1, fusion=fusion))
+    r.init_pretrained()
+    return r.eval()

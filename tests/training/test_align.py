@@ -1,0 +1,180 @@
+"""`ldot align`: a student text encoder trained into a teacher's space, sharing its indexes."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import lightningdot.precision
+from lightningdot.config import AlignConfig, BertSize, LoopConfig, TextConfig
+from lightningdot.data import read_karpathy
+from lightningdot.features import FeatureStore
+from lightningdot.index.folder import build_index
+from lightningdot.model.checkpoint import index_identity, load_model, model_identity, save_model
+from lightningdot.model.encoders import BiEncoder
+from lightningdot.precision import mixed_precision
+from lightningdot.retrieval import Retriever
+from lightningdot.training.align import align, align_losses, centroids, make_student, weighted_sum
+from tests.helpers import tiny_model_config
+
+
+def test_align_losses_by_hand():
+    e = torch.eye(2)
+    student = [e, torch.tensor([[0.0, 1.0], [1.0, 0.0]])]
+    images = e
+    teacher = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    out = align_losses(student, images, torch.tensor(0.0), teacher, ["en", "zh"])
+    # en: each caption's own image scores 1, the other 0: -log(e / (e + 1)) both ways.
+    want_en = -math.log(math.e / (math.e + 1))
+    # zh: captions swapped, each scores its own image 0 and the other 1.
+    want_zh = -math.log(1 / (math.e + 1))
+    assert out["cmr_en"] == pytest.approx(float(want_en), abs=1e-6)
+    assert out["cmr_zh"] == pytest.approx(float(want_zh), abs=1e-6)
+    # distill: row 0 equal, row 1 (0, 1) vs (0.6, 0.8): 0.36 + 0.04 = 0.4; mean 0.2.
+    assert out["distill"] == pytest.approx(0.2, abs=1e-6)
+    assert "distill_zh" not in out
+    # zh captions (0, 1), (1, 0) against centroids e: 2 + 2 over 2 rows.
+    out = align_losses(student, images, torch.tensor(0.0), teacher, ["en", "zh"], e)
+    assert out["distill_zh"] == pytest.approx(2.0, abs=1e-6)
+    assert weighted_sum(out, 1.0, 0.5) == pytest.approx(
+        (float(want_en) + float(want_zh)) / 2 + 0.2 + 0.5 * 2.0, abs=1e-5
+    )
+
+
+def test_centroids_are_unit_means_per_image():
+    from lightningdot.data import Corpus, ImageRecord
+
+    corpus = Corpus([ImageRecord("a", ["x", "y"]), ImageRecord("b", ["z"])])
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 2.0]])
+    got = centroids(text, corpus)
+    assert torch.allclose(got, torch.tensor([[0.5**0.5, 0.5**0.5], [0.0, 1.0]]))
+
+
+@pytest.fixture(params=[0, 8], ids=["transformer-view", "with-pooled-view"])
+def teacher_dir(tmp_path, request):
+    m = BiEncoder(tiny_model_config(pooled_dim=request.param))
+    m.init_pretrained()
+    save_model(tmp_path / "teacher", m.eval())
+    return tmp_path / "teacher"
+
+
+def translated(corpus_dir, tmp_path):
+    """The tiny corpus with its captions in 'another language' (reversed words)."""
+    data = json.loads((corpus_dir / "captions.json").read_text())
+    for im in data["images"]:
+        for s in im["sentences"]:
+            s["raw"] = " ".join(reversed(s["raw"].split()))
+    path = tmp_path / "captions_xx.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_align_keeps_the_teachers_image_side_and_its_indexes(
+    corpus_dir, store_dir, teacher_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(lightningdot.precision, "native_bf16", lambda device: True)  # run bf16 here
+    size = BertSize(
+        hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64, vocab_size=30522
+    )
+    cfg = AlignConfig(
+        teacher=str(teacher_dir),
+        text=TextConfig(
+            pretrained=None, size=size, trainable_layers=3, max_length=16, prefix="q: "
+        ),
+        annotations=[str(corpus_dir / "captions.json"), str(translated(corpus_dir, tmp_path))],
+        features=str(store_dir),
+        loop=LoopConfig(epochs=2, batch_size=4, lr=1e-4, bf16=True),
+        cross_distill=0.5,
+    )
+    best = align(cfg, tmp_path / "run", log=lambda _: None)
+    assert set(best["languages"]) == {"captions", "captions_xx"}
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2
+    assert {"cmr_captions", "cmr_captions_xx", "distill", "distill_captions_xx"} <= set(
+        log[0]["loss"]
+    )
+
+    teacher, student = load_model(teacher_dir), load_model(tmp_path / "run" / "best")
+    for (name, a), (_, b) in zip(
+        teacher.image.state_dict().items(), student.image.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert index_identity(student) == model_identity(teacher) != model_identity(student)
+    # The student stores its text side alone; the rest is loaded from the teacher.
+    with safe_open(tmp_path / "run" / "best" / "model.safetensors", framework="pt") as f:
+        assert all(k.startswith("text.") for k in f.keys())
+    assert not (tmp_path / "run" / "best" / "bank.safetensors").exists()
+
+    # An index the teacher built opens with the student, and answers as the student encodes.
+    corpus = read_karpathy(corpus_dir / "captions.json")
+    build_index(
+        teacher,
+        str(teacher_dir),
+        corpus,
+        corpus_dir / "images",
+        tmp_path / "ix",
+        features=FeatureStore(store_dir),
+    )
+    r = Retriever.open(tmp_path / "ix", model=str(tmp_path / "run" / "best"))
+    (answer,) = r.search_text(["picture red a"], k=3)
+    with torch.no_grad():
+        q = student.encode_text(["picture red a"])
+        images = teacher.encode_image(FeatureStore(store_dir).batch(corpus.keys()))
+    want = torch.topk((q @ images.T)[0], 3).indices.tolist()
+    assert [x.id for x in answer.results] == [corpus.keys()[i] for i in want]
+
+
+def test_a_student_that_cannot_hold_the_image_encoder_is_refused(teacher_dir, corpus_dir):
+    from lightningdot.errors import ConfigMismatchError
+    from lightningdot.training.align import student_config
+
+    size = BertSize(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=48)
+    cfg = AlignConfig(
+        text=TextConfig(pretrained=None, size=size, trainable_layers=1),
+        annotations=[str(corpus_dir / "x.json")],
+    )
+    with pytest.raises(ConfigMismatchError, match="intermediate_size 64"):
+        student_config(cfg, load_model(teacher_dir))
+
+
+def student_of(teacher_dir, corpus_dir) -> tuple[AlignConfig, BiEncoder]:
+    size = BertSize(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64)
+    cfg = AlignConfig(
+        teacher=str(teacher_dir),
+        text=TextConfig(pretrained=None, size=size, trainable_layers=3, max_length=16),
+        annotations=[str(corpus_dir / "captions.json")],
+    )
+    torch.manual_seed(0)
+    return cfg, make_student(cfg, load_model(teacher_dir))
+
+
+def test_a_student_refuses_a_teacher_whose_weights_changed(teacher_dir, corpus_dir, tmp_path):
+    from lightningdot.errors import ConfigMismatchError
+
+    _, student = student_of(teacher_dir, corpus_dir)
+    save_model(tmp_path / "student", student)
+    assert model_identity(load_model(tmp_path / "student")) == model_identity(student)
+
+    teacher = load_model(teacher_dir)
+    with torch.no_grad():
+        teacher.image.proj.weight.add_(0.01)
+    save_model(teacher_dir, teacher)
+    with pytest.raises(ConfigMismatchError, match="trained against another"):
+        load_model(tmp_path / "student")
+
+
+def test_mixed_precision_vectors_stay_close_to_float32(teacher_dir, corpus_dir):
+    _, student = student_of(teacher_dir, corpus_dir)
+    captions = read_karpathy(corpus_dir / "captions.json").captions
+    student.eval()
+    with torch.no_grad():
+        full = student.encode_text(captions)
+        with mixed_precision("cpu", True):
+            mixed = student.encode_text(captions).float()
+        with mixed_precision("cpu", False):
+            same = student.encode_text(captions)
+    assert torch.equal(same, full)
+    assert not torch.equal(mixed, full)  # bfloat16 did run
+    assert (mixed * full).sum(-1).min() > 0.99
