@@ -222,7 +222,12 @@ def add_collection(
     captions = None
     if fresh.captions:
         captions = (encode_texts(model, fresh.captions).numpy(), caption_items(fresh))
-    index.append(vectors, image_items(fresh), captions)
+    items = image_items(fresh)
+    if index.images_root is None or Path(images).resolve() != index.images_root.resolve():
+        # Paths are relative to the collection's folder; images from another one keep theirs.
+        for it in items:
+            it["path"] = str((Path(images) / it["path"]).resolve())
+    index.append(vectors, items, captions)
     return len(fresh.images)
 
 

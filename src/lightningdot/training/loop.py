@@ -218,6 +218,9 @@ def fit(
         torch.set_num_threads(loop.threads)
     seed_everything(loop.seed)
     state = _saved_state(out, *recipe)
+    if state is not None and state["epoch"] + 1 >= loop.epochs:
+        log(f"{out} has finished all {loop.epochs} epochs; nothing to do")
+        return _best(state["best"])
     task = build()  # after seeding: its random initialisation is the recipe's
     optimizer = torch.optim.AdamW(task.param_groups())
     total_steps = task.steps_per_epoch() * loop.epochs
@@ -227,15 +230,14 @@ def fit(
     run = _Run(task, loop, out, recipe, optimizer, scheduler)
     if state is not None:
         run.restore(state)
-        done = run.start >= loop.epochs
-        log(
-            f"{out} has finished all {loop.epochs} epochs; nothing to do"
-            if done
-            else f"resuming {out} at epoch {run.start + 1}/{loop.epochs}"
-        )
+        log(f"resuming {out} at epoch {run.start + 1}/{loop.epochs}")
     for epoch in range(run.start, loop.epochs):
         _epoch(run, epoch, on_step, log)
-    return run.best if run.best["ar"] >= 0 else {}
+    return _best(run.best)
+
+
+def _best(metrics: dict) -> dict:
+    return metrics if metrics["ar"] >= 0 else {}  # {}: the run has no validation
 
 
 def _epoch(run: _Run, epoch: int, on_step: StepCallback | None, log: Callable[[str], None]):
