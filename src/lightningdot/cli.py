@@ -6,20 +6,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from lightningdot.console import (
-    Bar,
-    console,
-    print_answers,
-    print_bench,
-    print_demo,
-    print_metrics,
-    progress_bar,
-    step_reporter,
-)
+import lightningdot.console as show
 from lightningdot.errors import LightningDotError
 
 app = typer.Typer(
@@ -28,18 +19,28 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+def opt(help: str, *names: str) -> Any:
+    """A command-line option with its help, as typer reads it from an `Annotated` hint."""
+    return typer.Option(*names, help=help)
+
+
 Recipe = Annotated[Path, typer.Argument(help="Training recipe (.toml).")]
-RunFolder = Annotated[Path, typer.Option(help="Run folder (checkpoints, log); resumed if present.")]
-Annotations = Annotated[Path, typer.Option(help="Karpathy-format annotation file.")]
-ImagesOf = Annotated[Path, typer.Option(help="Folder of the images it names.")]
-ModelName = Annotated[str, typer.Option(help="Shipped model name or model folder.")]
-IndexModel = Annotated[
-    str | None, typer.Option(help="Model (default: the one that built the index).")
+RunFolder = Annotated[Path, opt("Run folder (checkpoints, log); resumed if present.")]
+Annotations = Annotated[Path, opt("Karpathy-format annotation file.")]
+MaybeAnnotations = Annotated[
+    Path | None, opt("Karpathy-format file naming the images (and captions).")
 ]
-RerankerName = Annotated[
-    str, typer.Option(help="Shipped re-ranker name or folder (with --rerank).")
-]
-JsonOut = Annotated[Path | None, typer.Option("--json", help="Write the metrics here.")]
+Split = Annotated[str | None, opt("Only this split of the annotations.")]
+ImageDir = Annotated[Path, opt("Folder of the images.")]
+ImagesOf = Annotated[Path, opt("Folder of the images it names.")]
+Features = Annotated[Path | None, opt("Feature store of the images (else their files are read).")]
+ModelName = Annotated[str, opt("Shipped model name or model folder.")]
+IndexModel = Annotated[str | None, opt("Model (default: the one that built the index).")]
+Rerank = Annotated[int, opt("Re-rank each query's top K with cross-attention (0: off).")]
+RerankerName = Annotated[str, opt("Shipped re-ranker name or folder (with --rerank).")]
+JsonOut = Annotated[Path | None, opt("Write the results here.", "--json")]
+IndexDir = Annotated[Path, typer.Argument(help="Index folder from `ldot index`.")]
 
 
 @contextlib.contextmanager
@@ -48,64 +49,57 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except LightningDotError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        show.console.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(2) from None
 
 
 @app.command()
 def extract(
-    images: Annotated[Path, typer.Option(help="Folder of the images.")],
-    out: Annotated[Path, typer.Option(help="Feature store folder to write (or resume).")],
-    annotations: Annotated[
-        Path | None, typer.Option(help="Karpathy-format file naming the images.")
-    ] = None,
-    split: Annotated[str | None, typer.Option(help="Only this split of the annotations.")] = None,
-    backbone: Annotated[str, typer.Option(help="Registered backbone.")] = "efficientnet-lite2",
-    detector: Annotated[
-        bool, typer.Option(help="Import precomputed detector regions (.npz per image).")
-    ] = False,
+    images: ImageDir,
+    out: Annotated[Path, opt("Feature store folder to write (or resume).")],
+    annotations: MaybeAnnotations = None,
+    split: Split = None,
+    backbone: Annotated[str, opt("Registered backbone.")] = "efficientnet-lite2",
+    detector: Annotated[bool, opt("Import precomputed detector regions (.npz per image).")] = False,
     batch_size: int = 32,
     shard_size: int = 256,
 ) -> None:
     """Extract region features of a collection into a feature store (resumable)."""
     from lightningdot.features.extract import extract_collection
 
-    with user_errors(), progress_bar() as bar:
-        summary = extract_collection(
-            images, out, annotations, split, backbone, detector, batch_size, shard_size, Bar(bar)
-        )
-    console.print(
-        f"{summary.extracted} extracted, {summary.skipped} already done, "
-        f"{len(summary.failed)} failed, of {summary.total} "
-        f"({summary.images_per_second:.1f} images/s) -> {out}"
-    )
-    for key, reason in summary.failed:
-        console.print(f"  [yellow]skipped[/] {key}: {reason}")
+    with user_errors(), show.progress_bar() as bar:
+        args = (images, out, annotations, split, backbone, detector, batch_size, shard_size)
+        summary = extract_collection(*args, show.Bar(bar))
+    show.print_extracted(summary, out)
 
 
-def _train(recipe: Path, out: Path, mode: str) -> None:
-    from lightningdot.config import TrainConfig, load_config
-    from lightningdot.training.pretrain import finetune, train
+def _fit(cls: type, recipe: Path, out: Path, label: str, run, **kw: Any) -> dict:
+    """Read a recipe of type `cls` and run a trainer on it with a progress bar."""
+    from lightningdot.config import load_config
 
-    run = finetune if mode == "finetune" else train
     with user_errors():
-        cfg = load_config(TrainConfig, recipe)
-        with progress_bar() as bar:
-            best = run(cfg, out, step_reporter(bar, mode, cfg.loop.epochs), bar.console.print)
-    if best:
-        console.print(f"best val AR {best['ar']:.2f} -> {out / 'best'}")
+        cfg = load_config(cls, recipe)
+        with show.progress_bar() as bar:
+            on_step = show.step_reporter(bar, label, cfg.loop.epochs)
+            return run(cfg, out, on_step, log=bar.console.print, **kw)
 
 
 @app.command()
 def pretrain(recipe: Recipe, out: RunFolder) -> None:
     """Pre-train with VMLM + SMRM + CMR, mixed as the recipe says."""
-    _train(recipe, out, "pretrain")
+    from lightningdot.config import TrainConfig
+    from lightningdot.training.pretrain import train
+
+    show.print_best(_fit(TrainConfig, recipe, out, "pretrain", train), out)
 
 
 @app.command()
 def finetune(recipe: Recipe, out: RunFolder) -> None:
     """Fine-tune with CMR (from `init_from` in the recipe, or from the pretrained encoders)."""
-    _train(recipe, out, "finetune")
+    from lightningdot.config import TrainConfig
+    from lightningdot.training.pretrain import finetune as run
+
+    show.print_best(_fit(TrainConfig, recipe, out, "finetune", run), out)
 
 
 @app.command()
@@ -113,16 +107,12 @@ def bank(
     model: Annotated[
         Path, typer.Argument(help="Model folder to give a bank (e.g. runs/NAME/best).")
     ],
-    annotations: Annotated[Path, typer.Option(help="Karpathy-format file the model trained on.")],
-    features: Annotated[Path, typer.Option(help="Feature store of its images.")],
-    split: Annotated[
-        str, typer.Option(help="Split to draw the bank from (not one you evaluate on).")
-    ] = "train",
-    size: Annotated[int, typer.Option(help="Captions, and images, in the bank.")] = 2000,
-    beta: Annotated[
-        float, typer.Option(help="Inverse temperature of the inverted softmax.")
-    ] = 10.0,
-    seed: Annotated[int, typer.Option(help="Seed of the draw.")] = 0,
+    annotations: Annotated[Path, opt("Karpathy-format file the model trained on.")],
+    features: Annotated[Path, opt("Feature store of its images.")],
+    split: Annotated[str, opt("Split to draw the bank from (not one you evaluate on).")] = "train",
+    size: Annotated[int, opt("Captions, and images, in the bank.")] = 2000,
+    beta: Annotated[float, opt("Inverse temperature of the inverted softmax.")] = 10.0,
+    seed: Annotated[int, opt("Seed of the draw.")] = 0,
 ) -> None:
     """Give a model a query bank: indexes it builds then rank by dot product plus a per-item prior
     that discounts hubs (an inverted softmax over the bank; see `lightningdot.model.prior`)."""
@@ -130,197 +120,129 @@ def bank(
 
     with user_errors():
         made = give_bank(model, annotations, features, split, size, beta, seed)
-    console.print(
-        f"wrote {model / 'bank.safetensors'}: {len(made.text)} captions and "
-        f"{len(made.image)} images of {annotations.name} [{split}], beta {beta:g}"
-    )
+    show.print_bank(made, model)
 
 
 @app.command()
 def align(
     recipe: Annotated[Path, typer.Argument(help="TOML recipe (see recipes/multilingual.toml).")],
-    out: Annotated[Path, typer.Option(help="Run folder: best/, last/, log.jsonl.")],
+    out: Annotated[Path, opt("Run folder: best/, last/, log.jsonl.")],
 ) -> None:
     """Train a text encoder (e.g. multilingual) into an existing model's embedding space,
     keeping its image encoder, so the indexes that model built serve the new one."""
-    from lightningdot.config import AlignConfig, load_config
-    from lightningdot.training.align import align as run_align
+    from lightningdot.config import AlignConfig
+    from lightningdot.training.align import align as run
 
-    with user_errors():
-        cfg = load_config(AlignConfig, recipe)
-        with progress_bar() as bar:
-            on_step = step_reporter(bar, "align", cfg.loop.epochs)
-            best = run_align(cfg, out, on_step, bar.console.print)
-    if best:
-        per = ", ".join(f"{k} {m['ar']:.2f}" for k, m in best["languages"].items())
-        console.print(f"best mean val AR {best['ar']:.2f} ({per}) -> {out / 'best'}")
+    show.print_best(_fit(AlignConfig, recipe, out, "align", run), out)
 
 
 @app.command("train-reranker")
 def train_reranker(
     recipe: Annotated[Path, typer.Argument(help="Re-ranker recipe (.toml).")],
-    out: Annotated[Path, typer.Option(help="Run folder (checkpoints, log).")],
-    val_k: Annotated[int, typer.Option(help="Top K re-ranked in validation.")] = 16,
+    out: Annotated[Path, opt("Run folder (checkpoints, log).")],
+    val_k: Annotated[int, opt("Top K re-ranked in validation.")] = 16,
 ) -> None:
     """Train the cross-attention re-ranker on hard negatives mined by the bi-encoder."""
-    from lightningdot.config import RerankTrainConfig, load_config
+    from lightningdot.config import RerankTrainConfig
     from lightningdot.training.reranker import train_reranker as run
 
-    with user_errors():
-        cfg = load_config(RerankTrainConfig, recipe)
-        with progress_bar() as bar:
-            on_step = step_reporter(bar, "re-ranker", cfg.loop.epochs)
-            best = run(cfg, out, on_step, log=bar.console.print, val_k=val_k)
-    if best:
-        console.print(f"best val AR re-ranking the top {val_k}: {best['ar']:.2f} -> {out / 'best'}")
+    best = _fit(RerankTrainConfig, recipe, out, "re-ranker", run, val_k=val_k)
+    show.print_best(best, out, f"re-ranking the top {val_k}:")
 
 
 @app.command()
 def evaluate(
     annotations: Annotations,
     images: ImagesOf,
-    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+    split: Annotated[str, opt("Split to evaluate.")] = "test",
     model: ModelName = "default",
-    features: Annotated[
-        Path | None, typer.Option(help="Feature store of the images (else extracted on the fly).")
-    ] = None,
-    rerank: Annotated[
-        int, typer.Option(help="Re-rank each query's top K with cross-attention (0: off).")
-    ] = 0,
+    features: Features = None,
+    rerank: Rerank = 0,
     reranker: RerankerName = "default",
     json_out: JsonOut = None,
-    prior: Annotated[
-        bool, typer.Option(help="Rank with the model's query-bank prior, when it has one.")
-    ] = True,
+    prior: Annotated[bool, opt("Rank with the model's query-bank prior, when it has one.")] = True,
 ) -> None:
     """Recall@1/5/10 both ways and AR of a model on one split."""
     from lightningdot.evaluation.evaluate import evaluate_split
-    from lightningdot.io import write_json
 
-    with user_errors(), progress_bar() as bar:
-        progress = Bar(bar)
-        metrics = evaluate_split(
-            annotations,
-            images,
-            split,
-            model,
-            features,
-            rerank,
-            reranker,
-            prior,
-            progress,
-            progress.say,
-        )
-    print_metrics(metrics)
-    if json_out is not None:
-        write_json(json_out, metrics)
+    with user_errors(), show.progress_bar() as bar:
+        args = (annotations, images, split, model, features, rerank, reranker, prior)
+        progress = show.Bar(bar)
+        metrics = evaluate_split(*args, progress, progress.say)
+    show.print_metrics(metrics, json_out)
 
 
 @app.command()
 def bench(
     annotations: Annotations,
     images: ImagesOf,
-    split: Annotated[str, typer.Option(help="Split whose images are the gallery.")] = "test",
+    split: Annotated[str, opt("Split whose images are the gallery.")] = "test",
     model: ModelName = "default",
-    reranker: Annotated[str, typer.Option(help="Shipped re-ranker name or folder.")] = "default",
-    features: Annotated[
-        Path | None, typer.Option(help="Feature store of the images (else extracted first).")
-    ] = None,
-    rerank: Annotated[int, typer.Option(help="Top K the re-ranker re-scores.")] = 16,
-    queries: Annotated[int, typer.Option(help="Text queries timed per method.")] = 50,
+    reranker: Annotated[str, opt("Shipped re-ranker name or folder.")] = "default",
+    features: Features = None,
+    rerank: Annotated[int, opt("Top K the re-ranker re-scores.")] = 16,
+    queries: Annotated[int, opt("Text queries timed per method.")] = 50,
     full_queries: Annotated[
-        int, typer.Option(help="Queries timed for the (slow) full cross-attention ranking.")
+        int, opt("Queries timed for the (slow) full cross-attention ranking.")
     ] = 3,
-    recall: Annotated[bool, typer.Option(help="Also measure the recalls of both methods.")] = True,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+    recall: Annotated[bool, opt("Also measure the recalls of both methods.")] = True,
+    json_out: JsonOut = None,
 ) -> None:
     """Time LightningDOT (dot product, + re-rank) against cross-attention over the whole gallery."""
-    import torch
-
     from lightningdot.evaluation.bench import bench_split
-    from lightningdot.io import write_json
 
-    with user_errors(), console.status("timing"):
-        report = bench_split(
-            annotations,
-            images,
-            split,
-            model,
-            reranker,
-            features,
-            rerank,
-            queries,
-            full_queries,
-            recall,
-        )
-    print_bench(report, torch.get_num_threads())
-    if json_out is not None:
-        write_json(json_out, report.to_json())
+    with user_errors(), show.console.status("timing"):
+        args = (annotations, images, split, model, reranker, features, rerank, queries)
+        report = bench_split(*args, full_queries, recall)
+    show.print_bench(report, json_out)
 
 
 @app.command()
 def index(
-    out: Annotated[Path, typer.Option(help="Index folder to write (or grow with --add).")],
-    images: Annotated[Path, typer.Option(help="Folder of the images.")],
-    annotations: Annotated[
-        Path | None, typer.Option(help="Karpathy-format file naming the images and captions.")
-    ] = None,
-    split: Annotated[str | None, typer.Option(help="Only this split of the annotations.")] = None,
+    out: Annotated[Path, opt("Index folder to write (or grow with --add).")],
+    images: ImageDir,
+    annotations: MaybeAnnotations = None,
+    split: Split = None,
     model: Annotated[
         str | None,
-        typer.Option(
-            help='Shipped model name or model folder (default: "default"; with --add, the one '
-            "that built the index)."
-        ),
+        opt('Model name or folder ("default"; with --add, the index\'s own).'),
     ] = None,
-    factory: Annotated[str, typer.Option(help='FAISS factory string, e.g. "HNSW32".')] = "Flat",
-    features: Annotated[
-        Path | None, typer.Option(help="Feature store of the images (else extracted here).")
-    ] = None,
-    add: Annotated[
-        bool, typer.Option("--add", help="Add new images to an existing index.")
-    ] = False,
+    factory: Annotated[str, opt('FAISS factory string, e.g. "HNSW32".')] = "Flat",
+    features: Features = None,
+    add: Annotated[bool, opt("Add new images to an existing index.", "--add")] = False,
 ) -> None:
     """Encode a collection into a FAISS index (images, and captions when known)."""
     from lightningdot.index.folder import add_images, index_images
 
-    with user_errors(), progress_bar() as bar:
+    with user_errors(), show.progress_bar() as bar:
         if add:
-            added, total = add_images(out, images, annotations, split, model, features, Bar(bar))
+            added, total = add_images(
+                out, images, annotations, split, model, features, show.Bar(bar)
+            )
+            show.console.print(f"added {added} new image(s); {total} in {out}")
         else:
             built = index_images(
-                out, images, annotations, split, model, factory, features, Bar(bar)
+                out, images, annotations, split, model, factory, features, show.Bar(bar)
             )
-    if add:
-        console.print(f"added {added} new image(s); {total} in {out}")
-        return
-    console.print(
-        ", ".join(f"{len(ix)} {name}" for name, ix in built.indexes.items()) + f" -> {out}"
-    )
-    if built.recall_at_10 is not None:
-        console.print(
-            f"{factory}: recall@10 against exact search = {built.recall_at_10:.3f} "
-            f"({built.recall_queries} sample queries)"
-        )
+    if not add:
+        show.print_built(built, factory, out)
 
 
 @app.command()
 def search(
-    index_dir: Annotated[Path, typer.Argument(help="Index folder from `ldot index`.")],
+    index_dir: IndexDir,
     queries: Annotated[list[str] | None, typer.Argument(help="Text queries (text->image).")] = None,
     image: Annotated[
-        list[Path] | None, typer.Option(help="Image query file(s) (image->text); repeatable.")
+        list[Path] | None, opt("Image query file(s) (image->text); repeatable.")
     ] = None,
     images: Annotated[
-        bool, typer.Option("--similar", help="With --image: similar images instead of captions.")
+        bool, opt("With --image: similar images instead of captions.", "--similar")
     ] = False,
-    k: Annotated[int, typer.Option(help="Results per query.")] = 10,
+    k: Annotated[int, opt("Results per query.")] = 10,
     model: IndexModel = None,
-    rerank: Annotated[
-        int, typer.Option(help="Re-rank the top K with cross-attention (0: off).")
-    ] = 0,
+    rerank: Rerank = 0,
     reranker: RerankerName = "default",
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    json_out: Annotated[bool, opt("Print JSON instead of tables.", "--json")] = False,
 ) -> None:
     """Search an index with text queries, or with image files."""
     from lightningdot.retrieval import Retriever
@@ -336,7 +258,7 @@ def search(
         else:
             labels = list(queries or [])
             answers = retriever.search_text(labels, k, rerank)
-    print_answers(labels, answers, json_out)
+    show.print_answers(labels, answers, json_out)
 
 
 @app.command()
@@ -344,13 +266,9 @@ def export(
     model: Annotated[
         str, typer.Argument(help="Model or re-ranker folder to export (e.g. runs/NAME/best).")
     ],
-    out: Annotated[
-        Path, typer.Option(help="Folder to write, e.g. src/lightningdot/weights/default.")
-    ],
-    dtype: Annotated[str, typer.Option(help="float16, bfloat16 or float32.")] = "float16",
-    force: Annotated[
-        bool, typer.Option(help="Replace a model with a better recorded val AR.")
-    ] = False,
+    out: Annotated[Path, opt("Folder to write, e.g. src/lightningdot/weights/default.")],
+    dtype: Annotated[str, opt("float16, bfloat16 or float32.")] = "float16",
+    force: Annotated[bool, opt("Replace a model with a better recorded val AR.")] = False,
 ) -> None:
     """Write a compact copy of a model or re-ranker (trained parameters only, in a small dtype).
 
@@ -360,15 +278,15 @@ def export(
 
     with user_errors():
         weights = run_export(model, out, dtype, force)
-    console.print(f"wrote {out} ({weights.stat().st_size / 2**20:.1f} MiB of weights, {dtype})")
+    show.console.print(
+        f"wrote {out} ({weights.stat().st_size / 2**20:.1f} MiB of weights, {dtype})"
+    )
 
 
 @app.command()
 def serve(
-    index_dir: Annotated[Path, typer.Argument(help="Index folder from `ldot index`.")],
-    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 for every interface).")] = (
-        "127.0.0.1"
-    ),
+    index_dir: IndexDir,
+    host: Annotated[str, opt("Address to bind (0.0.0.0 for every interface).")] = "127.0.0.1",
     port: int = 8000,
     model: IndexModel = None,
     reranker: Annotated[
@@ -378,64 +296,42 @@ def serve(
             '"none": no re-ranking.'
         ),
     ] = "auto",
-    max_upload_mb: Annotated[float, typer.Option(help="Largest upload per request.")] = 10.0,
-    max_batch: Annotated[int, typer.Option(help="Text queries encoded together at most.")] = 32,
+    max_upload_mb: Annotated[float, opt("Largest upload per request.")] = 10.0,
+    max_batch: Annotated[int, opt("Text queries encoded together at most.")] = 32,
     threads: Annotated[
         int, typer.Option(min=0, help="Threads for the model's arithmetic (0: torch's default).")
     ] = 0,
-    access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
+    access_log: Annotated[bool, opt("Log every request.")] = True,
 ) -> None:
     """Serve an index over HTTP: a JSON API and a search page at http://HOST:PORT/."""
     try:
-        import uvicorn
-
-        from lightningdot.serve import create_app
+        from lightningdot.serve.server import serve_index
     except ImportError as e:
-        console.print(f"[bold red]error:[/] {e.name} is missing: pip install 'lightningdot[serve]'")
+        show.console.print(
+            f"[bold red]error:[/] {e.name} is missing: pip install 'lightningdot[serve]'"
+        )
         raise typer.Exit(2) from None
-    import torch
-
     from lightningdot.config import ServeConfig
-    from lightningdot.retrieval import Retriever
 
-    if threads:
-        torch.set_num_threads(threads)
     with user_errors():
         cfg = ServeConfig(max_upload_mb=max_upload_mb, max_batch=max_batch)
-        retriever = Retriever.open(index_dir, model, reranker=reranker)
-    if reranker == "auto" and retriever.reranker is None:
-        console.print("the shipped re-ranker does not fit this model: serving without one")
-    console.print(
-        f"serving {len(retriever.image_index)} images from {index_dir} on http://{host}:{port}/"
-        + ("" if retriever.reranker else " (no re-ranker)")
-    )
-    level = "info" if access_log else "warning"  # uvicorn logs requests at info
-    uvicorn.run(
-        create_app(retriever, cfg), host=host, port=port, access_log=access_log, log_level=level
-    )
+        serve_index(
+            index_dir, host, port, model, reranker, cfg, threads, access_log, show.console.print
+        )
 
 
 @app.command()
 def demo(
     model: ModelName = "default",
-    k: Annotated[int, typer.Option(help="Results per query.")] = 3,
+    k: Annotated[int, opt("Results per query.")] = 3,
 ) -> None:
     """Index sample photos (from scikit-image) and show ranked results for a few queries."""
     from lightningdot.demo import run_demo
 
-    with user_errors(), console.status("encoding the gallery"):
+    with user_errors(), show.console.status("encoding the gallery"):
         results, info = run_demo(model, k)
-    print_demo(results, info)
-
-
-@app.callback()
-def _root() -> None:
-    """LightningDOT: real-time image-text retrieval."""
-
-
-def main() -> None:
-    app()
+    show.print_demo(results, info)
 
 
 if __name__ == "__main__":
-    main()
+    app()

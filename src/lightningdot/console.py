@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+
+from lightningdot.io import write_json
 
 console = Console(stderr=True)  # messages and bars; results go to standard output
 
@@ -55,7 +58,46 @@ def step_reporter(bar: Progress, label: str, epochs: int):
     return on_step
 
 
-def print_metrics(m: dict) -> None:
+def print_extracted(summary, out: Path) -> None:
+    console.print(
+        f"{summary.extracted} extracted, {summary.skipped} already done, "
+        f"{len(summary.failed)} failed, of {summary.total} "
+        f"({summary.images_per_second:.1f} images/s) -> {out}"
+    )
+    for key, reason in summary.failed:
+        console.print(f"  [yellow]skipped[/] {key}: {reason}")
+
+
+def print_built(built, factory: str, out: Path) -> None:
+    console.print(
+        ", ".join(f"{len(ix)} {name}" for name, ix in built.indexes.items()) + f" -> {out}"
+    )
+    if built.recall_at_10 is not None:
+        console.print(
+            f"{factory}: recall@10 against exact search = {built.recall_at_10:.3f} "
+            f"({built.recall_queries} sample queries)"
+        )
+
+
+def print_best(best: dict, out: Path, what: str = "") -> None:
+    """What a training run reached: its best val AR (per language too, for `ldot align`)."""
+    if not best:
+        return
+    per = ", ".join(f"{k} {m['ar']:.2f}" for k, m in best.get("languages", {}).items())
+    label = f"best {'mean ' if per else ''}val AR{f' {what}' if what else ''}"
+    console.print(f"{label} {best['ar']:.2f}{f' ({per})' if per else ''} -> {out / 'best'}")
+
+
+def print_bank(bank, model: Path) -> None:
+    src = bank.source
+    console.print(
+        f"wrote {model / 'bank.safetensors'}: {len(bank.text)} captions and "
+        f"{len(bank.image)} images of {src['annotations']} [{src['split']}], beta {bank.beta:g}"
+    )
+
+
+def print_metrics(m: dict, json_out: Path | None = None) -> None:
+    """The recalls as a table, and as JSON into `json_out` when given."""
     table = Table(title=f"{m['n_images']} images, {m['n_captions']} captions")
     for col in ("direction", "R@1", "R@5", "R@10"):
         table.add_column(col, justify="right")
@@ -63,10 +105,12 @@ def print_metrics(m: dict) -> None:
         table.add_row(name, *(f"{m[d][k]:.2f}" for k in ("r1", "r5", "r10")))
     table.add_row("AR", f"{m['ar']:.2f}", "", "")
     Console().print(table)
+    if json_out is not None:
+        write_json(json_out, m)
 
 
-def print_bench(report, threads: int) -> None:
-    table = Table(title=f"{report.gallery} images, {threads} threads")
+def print_bench(report, json_out: Path | None = None) -> None:
+    table = Table(title=f"{report.gallery} images, {report.threads} threads")
     for col in ("method", "ms / query (median)", "speed-up vs cross_full", "AR"):
         table.add_column(col, justify="right")
     for name in ("dot", "dot_rerank", "cross_full"):
@@ -78,6 +122,8 @@ def print_bench(report, threads: int) -> None:
             "" if ar is None else f"{ar:.2f}",
         )
     Console().print(table)
+    if json_out is not None:
+        write_json(json_out, report.to_json())
 
 
 def print_answers(labels: list[str], answers: list, as_json: bool) -> None:

@@ -88,10 +88,10 @@ def read_image_folder(root: str | Path) -> Corpus:
 
 
 def read_collection(
-    images: str | Path, annotations: str | Path | None, split: str | None
+    image_dir: str | Path, annotations: str | Path | None, split: str | None
 ) -> Corpus:
     """The images (and captions) a command works on: those an annotation file names, or else
-    every image file under `images`."""
+    every image file under `image_dir`."""
     if annotations is not None:
         return read_karpathy(annotations, split)
-    return read_image_folder(images)
+    return read_image_folder(image_dir)

@@ -233,17 +233,17 @@ class Retriever:
         return self.model.encode_image(self.regions.of_images(images))
 
     def search_image(
-        self, images: Sequence[ImageInput], k: int = 10, target: str = "captions", rerank: int = 0
+        self, queries: Sequence[ImageInput], k: int = 10, target: str = "captions", rerank: int = 0
     ) -> list[Answer]:
         """Image -> captions (target="captions") or image -> similar images (target="images");
         `rerank=K` re-scores the top K captions first."""
-        answers = self.search_image_all(images, k, rerank, targets=(target,))
+        answers = self.search_image_all(queries, k, rerank, targets=(target,))
         return [Answer(getattr(a, target), a.timing_ms) for a in answers]
 
     @torch.inference_mode()
     def search_image_all(
         self,
-        images: Sequence[ImageInput],
+        queries: Sequence[ImageInput],
         k: int = 10,
         rerank: int = 0,
         targets: tuple[str, ...] = TARGETS,
@@ -254,7 +254,7 @@ class Retriever:
         indexes = self._targets(targets, rerank)
         check_query(k, rerank, self.reranker)
         clock = Stopwatch()
-        regions = self.regions.of_images(images)
+        regions = self.regions.of_images(queries)
         vectors = self.model.encode_image(regions).numpy()
         clock.lap("encode")
         found: dict[str, list[list[Result]]] = {}
@@ -270,12 +270,12 @@ class Retriever:
                 self._rerank(hits, rerank, self._caption_rescorer(regions.select(slice(n, n + 1))))
                 for n, hits in enumerate(found["captions"])
             ]
-            clock.lap("rerank", shared_by=len(images))
+            clock.lap("rerank", shared_by=len(queries))
 
         def top(target: str, n: int) -> list[Result] | None:
             return found[target][n][:k] if target in found else None
 
-        arrivals = received or [None] * len(images)
+        arrivals = received or [None] * len(queries)
         return [
             ImageAnswer(top("captions", n), top("images", n), clock.timing(arrived))
             for n, arrived in enumerate(arrivals)
@@ -313,12 +313,12 @@ class Retriever:
     def add_collection(
         self,
         corpus: Corpus,
-        images: Path,
+        image_dir: Path,
         features: FeatureStore | None = None,
         progress: Progress | None = None,
     ) -> int:
         """Append the corpus's images not yet indexed, and their captions; returns how many."""
-        return add_collection(self.index, self.model, corpus, images, features, progress)
+        return add_collection(self.index, self.model, corpus, image_dir, features, progress)
 
     def add_uploads(self, uploads: list[tuple[str, bytes]], received: float | None = None) -> Added:
         """Index uploaded image files, all or none: `(filename, bytes)` each (see

@@ -86,7 +86,7 @@ def evaluate_reranked(
 
 def evaluate_split(
     annotations: Path,
-    images: Path,
+    image_dir: Path,
     split: str = "test",
     model: str = "default",
     features: Path | None = None,
@@ -100,8 +100,8 @@ def evaluate_split(
     one split of an annotation file, the regions from `features` or else from the image files.
     `prior=False` ranks by the dot product alone."""
     corpus = read_karpathy(annotations, split)
-    if not images.is_dir():
-        raise DataError(f"image folder not found: {images}")
+    if not image_dir.is_dir():
+        raise DataError(f"image folder not found: {image_dir}")
     if rerank < 0:
         raise DataError("--rerank must be >= 0")
     net = load_model(model)
@@ -111,7 +111,7 @@ def evaluate_split(
     store = FeatureStore(features) if features is not None else None
     progress = progress or Silent()
     progress.start(len(corpus.images), "encoding images")
-    regions = RegionSource(net.cfg.backbone, store, images).batches(
+    regions = RegionSource(net.cfg.backbone, store, image_dir).batches(
         corpus.keys(), progress=progress
     )
     if cross is None:

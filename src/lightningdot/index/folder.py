@@ -59,7 +59,7 @@ def build_index(
     model: BiEncoder,
     model_name: str,
     corpus: Corpus,
-    images: Path,
+    image_dir: Path,
     out: Path,
     cfg: IndexConfig | None = None,
     features: FeatureStore | None = None,
@@ -77,7 +77,7 @@ def build_index(
     progress.start(len(corpus.images), "encoding images")
     identity = index_identity(model)
     image_prior, caption_prior = priors_of(model.bank)
-    source = RegionSource(model.cfg.backbone, features, images)
+    source = RegionSource(model.cfg.backbone, features, image_dir)
     vectors = encode_collection(model, source, corpus.keys(), progress).numpy()
     items = image_items(corpus)
     report = BuildReport({"images": VectorIndex.build(vectors, items, identity, cfg, image_prior)})
@@ -95,7 +95,7 @@ def build_index(
         report.recall_queries = len(sample)
     for name, index in report.indexes.items():
         index.save(out / name)
-    info = {"model": model_name, "model_id": identity, "images": str(Path(images).resolve())}
+    info = {"model": model_name, "model_id": identity, "images": str(Path(image_dir).resolve())}
     if features is not None:
         info["features"] = str(Path(features.root).resolve())
     write_json(out / "retriever.json", info)
@@ -133,11 +133,11 @@ class IndexFolder:
         folder = Path(folder)
         info = cls.read_info(folder)
         identity = index_identity(model)
-        images = VectorIndex.load(folder / "images", identity, mmap)
-        captions = None
+        image_index = VectorIndex.load(folder / "images", identity, mmap)
+        caption_index = None
         if (folder / "captions").is_dir():
-            captions = VectorIndex.load(folder / "captions", identity, mmap)
-        return cls(folder, info, images, captions, priors_of(model.bank)[1])
+            caption_index = VectorIndex.load(folder / "captions", identity, mmap)
+        return cls(folder, info, image_index, caption_index, priors_of(model.bank)[1])
 
     @property
     def images_root(self) -> Path | None:
@@ -168,20 +168,22 @@ class IndexFolder:
             taken = [it["id"] for it in items if self.image_index.row(it["id"]) is not None]
             if taken or len({it["id"] for it in items}) != len(items):
                 raise DataError(f"image id(s) already in the index or repeated: {taken[:3]}")
-            images = self.image_index.copy()
-            images.add(vectors, items)
+            grown = self.image_index.copy()
+            grown.add(vectors, items)
             grown_captions = self.caption_index
             if captions is not None:
-                grown_captions = self._grown_captions(*captions, images)
+                grown_captions = self._grown_captions(*captions, grown)
                 # Each folder is replaced atomically, but not the two together: saving captions
                 # first means a crash in between never leaves an indexed image uncaptioned.
                 grown_captions.save(self.folder / "captions")
-            images.save(self.folder / "images")
-            self.image_index, self.caption_index = images, grown_captions
+            grown.save(self.folder / "images")
+            self.image_index, self.caption_index = grown, grown_captions
 
-    def _grown_captions(self, text: np.ndarray, items: list[dict], images: VectorIndex):
+    def _grown_captions(self, text: np.ndarray, items: list[dict], image_index: VectorIndex):
+        """The caption index with these rows added (made, the first time, like `image_index`)."""
         if self.caption_index is None:
-            return VectorIndex.build(text, items, images.model_id, images.cfg, self.caption_prior)
+            ix = image_index
+            return VectorIndex.build(text, items, ix.model_id, ix.cfg, self.caption_prior)
         grown = self.caption_index.copy()
         grown.add(text, items)
         return grown
@@ -206,7 +208,7 @@ def add_collection(
     index: IndexFolder,
     model: BiEncoder,
     corpus: Corpus,
-    images: Path,
+    image_dir: Path,
     features: FeatureStore | None = None,
     progress: Progress | None = None,
 ) -> int:
@@ -217,23 +219,23 @@ def add_collection(
         return 0
     progress = progress or Silent()
     progress.start(len(fresh.images), "encoding images")
-    source = RegionSource(model.cfg.backbone, features, images)
+    source = RegionSource(model.cfg.backbone, features, image_dir)
     vectors = encode_collection(model, source, fresh.keys(), progress).numpy()
     captions = None
     if fresh.captions:
         captions = (encode_texts(model, fresh.captions).numpy(), caption_items(fresh))
     items = image_items(fresh)
-    if index.images_root is None or Path(images).resolve() != index.images_root.resolve():
+    if index.images_root is None or Path(image_dir).resolve() != index.images_root.resolve():
         # Paths are relative to the collection's folder; images from another one keep theirs.
         for it in items:
-            it["path"] = str((Path(images) / it["path"]).resolve())
+            it["path"] = str((Path(image_dir) / it["path"]).resolve())
     index.append(vectors, items, captions)
     return len(fresh.images)
 
 
 def index_images(
     out: Path,
-    images: Path,
+    image_dir: Path,
     annotations: Path | None = None,
     split: str | None = None,
     model: str | None = None,
@@ -242,17 +244,17 @@ def index_images(
     progress: Progress | None = None,
 ) -> BuildReport:
     """`ldot index`: the images an annotation file names (with their captions), or every image
-    under `images`, into a new index folder `out`, by `model` (default: "default")."""
-    corpus = read_collection(images, annotations, split)
+    under `image_dir`, into a new index folder `out`, by `model` (default: "default")."""
+    corpus = read_collection(image_dir, annotations, split)
     net = load_model(model or "default")
     store = FeatureStore(features) if features is not None else None
     cfg = IndexConfig(factory=factory)
-    return build_index(net, model or "default", corpus, images, out, cfg, store, progress)
+    return build_index(net, model or "default", corpus, image_dir, out, cfg, store, progress)
 
 
 def add_images(
     out: Path,
-    images: Path,
+    image_dir: Path,
     annotations: Path | None = None,
     split: str | None = None,
     model: str | None = None,
@@ -261,9 +263,9 @@ def add_images(
 ) -> tuple[int, int]:
     """`ldot index --add`: the collection's images not yet in the index folder `out` (by
     default with the model that built it); returns (images added, images now indexed)."""
-    corpus = read_collection(images, annotations, split)
+    corpus = read_collection(image_dir, annotations, split)
     net = load_model(model or IndexFolder.read_info(out)["model"])
     index = IndexFolder.open(out, net, mmap=False)
     store = FeatureStore(features) if features is not None else None
-    added = add_collection(index, net, corpus, images, store, progress)
+    added = add_collection(index, net, corpus, image_dir, store, progress)
     return added, len(index.image_index)

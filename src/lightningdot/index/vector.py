@@ -176,7 +176,7 @@ class VectorIndex:
         with atomic_dir(folder) as tmp:
             faiss.write_index(self.index, str(tmp / "index.faiss"))
             (tmp / "items.json").write_text(json.dumps(self.items, ensure_ascii=False))
-            meta = {
+            manifest = {
                 "format": FORMAT,
                 "model_id": self.model_id,
                 "dim": self.dim,
@@ -185,9 +185,9 @@ class VectorIndex:
                 "revision": revision,
             }
             if self.prior is not None:
-                meta["prior"] = {"beta": self.prior.beta, "bank": len(self.prior.bank)}
+                manifest["prior"] = {"beta": self.prior.beta, "bank": len(self.prior.bank)}
                 np.save(tmp / "bank.npy", self.prior.bank.astype(np.float32))
-            (tmp / "index.json").write_text(json.dumps(meta, indent=2))
+            (tmp / "index.json").write_text(json.dumps(manifest, indent=2))
         self.revision = revision
 
     @staticmethod
@@ -208,24 +208,24 @@ class VectorIndex:
         """
         folder = Path(folder)
         missing = f"not an index folder (no index.json): {folder}"
-        meta = read_json(folder / "index.json", "index metadata", missing)
+        manifest = read_json(folder / "index.json", "index metadata", missing)
         items = read_json(folder / "items.json", "index items")
-        if meta.get("format") != FORMAT:
-            raise DataError(f"{folder}: unknown index format {meta.get('format')!r}")
-        if model_id is not None and meta["model_id"] != model_id:
+        if manifest.get("format") != FORMAT:
+            raise DataError(f"{folder}: unknown index format {manifest.get('format')!r}")
+        if model_id is not None and manifest["model_id"] != model_id:
             raise ConfigMismatchError(
-                f"index {folder} was made by model {meta['model_id'][:12]}, not by the loaded "
+                f"index {folder} was made by model {manifest['model_id'][:12]}, not by the loaded "
                 f"model {model_id[:12]}; rebuild it with `ldot index` or load the same model"
             )
         index = _read_faiss(folder / "index.faiss", mmap)
-        prior = _read_prior(folder, meta) if "prior" in meta else None
-        if index.d != meta["dim"] + (prior is not None) or index.ntotal != meta["count"]:
+        prior = _read_prior(folder, manifest) if "prior" in manifest else None
+        if index.d != manifest["dim"] + (prior is not None) or index.ntotal != manifest["count"]:
             raise DataError(
                 f"{folder}: index.faiss has {index.ntotal} x {index.d}, index.json says "
-                f"{meta['count']} x {meta['dim']}{' + prior' if prior is not None else ''}"
+                f"{manifest['count']} x {manifest['dim']}{' + prior' if prior is not None else ''}"
             )
-        config = from_dict(IndexConfig, meta["config"])
-        return cls(index, items, meta["model_id"], config, prior, meta.get("revision"))
+        config = from_dict(IndexConfig, manifest["config"])
+        return cls(index, items, manifest["model_id"], config, prior, manifest.get("revision"))
 
 
 def _read_faiss(path: Path, mmap: bool) -> faiss.Index:
@@ -242,17 +242,17 @@ def _read_faiss(path: Path, mmap: bool) -> faiss.Index:
         raise DataError(f"damaged or truncated index file {path}: {e}") from e
 
 
-def _read_prior(folder: Path, meta: dict) -> IndexPrior:
+def _read_prior(folder: Path, manifest: dict) -> IndexPrior:
     try:
         bank = np.load(folder / "bank.npy")
     except (OSError, ValueError) as e:
         raise DataError(f"damaged or missing query bank {folder / 'bank.npy'}: {e}") from e
-    if bank.shape != (meta["prior"]["bank"], meta["dim"]):
+    if bank.shape != (manifest["prior"]["bank"], manifest["dim"]):
         raise DataError(
             f"{folder}: bank.npy is {bank.shape}, index.json says "
-            f"({meta['prior']['bank']}, {meta['dim']})"
+            f"({manifest['prior']['bank']}, {manifest['dim']})"
         )
-    return IndexPrior(bank.astype(np.float32), float(meta["prior"]["beta"]))
+    return IndexPrior(bank.astype(np.float32), float(manifest["prior"]["beta"]))
 
 
 def recall_against_exact(

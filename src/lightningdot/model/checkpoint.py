@@ -38,20 +38,25 @@ def save_model(
 ) -> None:
     """Write the model's config, trained parameters and query bank, each file atomically."""
     folder = Path(folder)
-    state = {k: v.to(dtype) for k, v in model.stored_state().items()}
-    write_safetensors(folder / "model.safetensors", state, metadata={"format": str(FORMAT)})
-    meta = {"format": FORMAT, "model": to_dict(model.cfg), **(extra or {})}
+    _write_weights(folder, model, dtype)
+    config = {"format": FORMAT, "model": to_dict(model.cfg), **(extra or {})}
     # A model with `image_from` uses that model's bank, like the rest of its image side.
     bank = write_bank(folder, None if model.cfg.image_from else model.bank, dtype)
-    write_json(folder / "config.json", meta | ({"bank": bank} if bank else {}))
+    write_json(folder / "config.json", config | ({"bank": bank} if bank else {}))
+
+
+def _write_weights(folder: Path, module: BiEncoder | nn.Module, dtype: torch.dtype) -> None:
+    """`model.safetensors`: the parameters the module stores (`stored_state()`), in `dtype`."""
+    state = {k: v.to(dtype) for k, v in module.stored_state().items()}
+    write_safetensors(folder / "model.safetensors", state, metadata={"format": str(FORMAT)})
 
 
 def attach_bank(folder: str | os.PathLike[str], bank: QueryBank) -> None:
     """Give the model saved in `folder` a query bank (`ldot bank`), replacing any it had."""
     folder = Path(folder)
-    meta = read_folder_config(folder, "model")
-    meta["bank"] = write_bank(folder, bank, torch.float32)
-    write_json(folder / "config.json", meta)
+    saved = read_folder_config(folder, "model")
+    saved["bank"] = write_bank(folder, bank, torch.float32)
+    write_json(folder / "config.json", saved)
 
 
 def write_bank(folder: Path, bank: QueryBank | None, dtype: torch.dtype) -> dict[str, Any] | None:
@@ -68,9 +73,9 @@ def write_bank(folder: Path, bank: QueryBank | None, dtype: torch.dtype) -> dict
     return {"beta": bank.beta, **bank.source}
 
 
-def load_bank(folder: Path, meta: dict[str, Any], dim: int) -> QueryBank | None:
+def load_bank(folder: Path, saved: dict[str, Any], dim: int) -> QueryBank | None:
     """The query bank of a model folder, or None when it has none."""
-    if "bank" not in meta:
+    if "bank" not in saved:
         return None
     path = folder / "bank.safetensors"
     try:
@@ -80,25 +85,25 @@ def load_bank(folder: Path, meta: dict[str, Any], dim: int) -> QueryBank | None:
         raise DataError(f"damaged or missing query bank {path}: {e}") from e
     if text.shape[1:] != (dim,) or image.shape[1:] != (dim,):
         raise ConfigMismatchError(f"{path} holds vectors of another size than the model's {dim}")
-    source = {k: v for k, v in meta["bank"].items() if k != "beta"}
-    return QueryBank(text, image, float(meta["bank"]["beta"]), source)
+    source = {k: v for k, v in saved["bank"].items() if k != "beta"}
+    return QueryBank(text, image, float(saved["bank"]["beta"]), source)
 
 
 def read_folder_config(folder: Path, kind: Kind) -> dict[str, Any]:
     """The `config.json` of a model or re-ranker folder, checked for format and kind."""
     what = WHAT[kind]
     path = Path(folder) / "config.json"
-    meta = read_json(
+    saved = read_json(
         path, f"{what} config", missing=f"not a {what} folder (no config.json): {folder}"
     )
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or kind not in meta:
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT or kind not in saved:
         raise DataError(f"{path} is not a lightningdot {what} config (format {FORMAT})")
-    return meta
+    return saved
 
 
 def read_model_config(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
-    meta = read_folder_config(folder, "model")
-    return from_dict(ModelConfig, meta["model"]), meta
+    saved = read_folder_config(folder, "model")
+    return from_dict(ModelConfig, saved["model"]), saved
 
 
 def load_state_into(model: nn.Module, weights: Path) -> None:
@@ -154,7 +159,7 @@ def index_identity(model: BiEncoder) -> str:
 def load_model(name_or_path: str | os.PathLike[str] | None = "default") -> BiEncoder:
     """Build a BiEncoder from a shipped name or a model folder, in eval mode, on the CPU."""
     folder = resolve("model", name_or_path)
-    cfg, meta = read_model_config(folder)
+    cfg, saved = read_model_config(folder)
     model = BiEncoder(cfg)
     model.init_pretrained()
     if cfg.image_from:
@@ -167,7 +172,7 @@ def load_model(name_or_path: str | os.PathLike[str] | None = "default") -> BiEnc
         model.adopt_image_side(base)
     load_state_into(model, folder / "model.safetensors")
     if not cfg.image_from:
-        model.bank = load_bank(folder, meta, cfg.vector_dim)
+        model.bank = load_bank(folder, saved, cfg.vector_dim)
     return model.eval()
 
 
@@ -180,16 +185,15 @@ def save_reranker(
 ) -> None:
     """Write the re-ranker's config, the identity of its bi-encoder and its own parameters."""
     folder = Path(folder)
-    state = {k: v.to(dtype) for k, v in reranker.cross.stored_state().items()}
-    write_safetensors(folder / "model.safetensors", state, metadata={"format": str(FORMAT)})
-    meta = {
+    _write_weights(folder, reranker.cross, dtype)
+    config = {
         "format": FORMAT,
         "reranker": to_dict(reranker.cfg),
         "bi_encoder": bi_name,
         "bi_encoder_id": model_identity(reranker.bi),
         **(extra or {}),
     }
-    write_json(folder / "config.json", meta)
+    write_json(folder / "config.json", config)
 
 
 def load_reranker(
@@ -201,12 +205,12 @@ def load_reranker(
         ConfigMismatchError: `bi` is not the bi-encoder the re-ranker was trained on.
     """
     folder = resolve("reranker", name_or_path)
-    meta = read_folder_config(folder, "reranker")
-    cfg = from_dict(RerankerConfig, meta["reranker"])
-    bi = bi if bi is not None else load_model(meta["bi_encoder"])
-    if model_identity(bi) != meta["bi_encoder_id"]:
+    saved = read_folder_config(folder, "reranker")
+    cfg = from_dict(RerankerConfig, saved["reranker"])
+    bi = bi if bi is not None else load_model(saved["bi_encoder"])
+    if model_identity(bi) != saved["bi_encoder_id"]:
         raise ConfigMismatchError(
-            f"re-ranker {folder} was trained on bi-encoder {meta['bi_encoder_id'][:12]}, "
+            f"re-ranker {folder} was trained on bi-encoder {saved['bi_encoder_id'][:12]}, "
             f"not on the loaded model {model_identity(bi)[:12]}; train one for this model with "
             "`ldot train-reranker`"
         )

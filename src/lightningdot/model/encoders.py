@@ -131,8 +131,8 @@ class ImageEncoder(nn.Module):
         emb.LayerNorm.load_state_dict(src.LayerNorm.state_dict())
         emb.position_embeddings.weight.data.copy_(src.position_embeddings.weight[:2])
         emb.token_type_embeddings.weight.data.copy_(src.token_type_embeddings.weight)
-        for mine, theirs in zip(self.bert.encoder.layer, text_bert.encoder.layer, strict=False):
-            mine.load_state_dict(theirs.state_dict())
+        for layer, source in zip(self.bert.encoder.layer, text_bert.encoder.layer, strict=False):
+            layer.load_state_dict(source.state_dict())
 
     def embed(self, regions: RegionBatch, masked: torch.Tensor | None = None) -> torch.Tensor:
         """Region tokens (B, R, H); regions where `masked` is True get a zero feature (SMRM)."""
@@ -260,9 +260,9 @@ class BiEncoder(nn.Module):
         then searches the indexes `other` builds, with their priors."""
         self.image.load_state_dict(other.image.state_dict())
         self.image.requires_grad_(False)
-        for mine, theirs in zip(self.logit_scales, other.logit_scales, strict=True):
-            mine.data.copy_(theirs.data)
-            mine.requires_grad_(False)
+        for scale, source in zip(self.logit_scales, other.logit_scales, strict=True):
+            scale.data.copy_(source.data)
+            scale.requires_grad_(False)
         self.bank = other.bank
 
     def stored_state(self) -> dict[str, torch.Tensor]:

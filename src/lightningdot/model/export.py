@@ -26,8 +26,8 @@ def _recorded(folder: Path) -> dict:
     )
 
 
-def _val_ar(meta: dict) -> float | None:
-    return (meta.get("val") or {}).get("ar")
+def _val_ar(saved: dict) -> float | None:
+    return (saved.get("val") or {}).get("ar")
 
 
 def export(
@@ -43,8 +43,8 @@ def export(
     if dtype not in DTYPES:
         raise DataError(f"--dtype must be one of {sorted(DTYPES)}")
     out = Path(out)
-    meta = _recorded(resolve("model", source))
-    new_ar = _val_ar(meta)
+    saved = _recorded(resolve("model", source))
+    new_ar = _val_ar(saved)
     if (out / "config.json").is_file() and not force:
         old_ar = _val_ar(_recorded(out))
         if old_ar is not None and (new_ar is None or new_ar < old_ar):
@@ -52,9 +52,9 @@ def export(
                 f"{out} holds a model with val AR {old_ar:.2f}, this one has "
                 f"{'none recorded' if new_ar is None else f'{new_ar:.2f}'}; use --force to replace it"
             )
-    extra = {k: meta[k] for k in RECORDED if k in meta}
-    if "reranker" in meta:
-        save_reranker(out, load_reranker(source), meta["bi_encoder"], DTYPES[dtype], extra)
+    extra = {k: saved[k] for k in RECORDED if k in saved}
+    if "reranker" in saved:
+        save_reranker(out, load_reranker(source), saved["bi_encoder"], DTYPES[dtype], extra)
     else:
         save_model(out, load_model(source), DTYPES[dtype], extra)
     return out / "model.safetensors"

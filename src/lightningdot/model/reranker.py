@@ -49,8 +49,8 @@ class CrossEncoder(nn.Module):
         emb.LayerNorm.load_state_dict(src.LayerNorm.state_dict())
         emb.token_type_embeddings.weight.data.copy_(src.token_type_embeddings.weight)
         top = text_bert.encoder.layer[-len(self.bert.encoder.layer) :]
-        for mine, theirs in zip(self.bert.encoder.layer, top, strict=True):
-            mine.load_state_dict(theirs.state_dict())
+        for layer, source in zip(self.bert.encoder.layer, top, strict=True):
+            layer.load_state_dict(source.state_dict())
 
     def embed(self, states: torch.Tensor, segment: int) -> torch.Tensor:
         """(N, L, H) states of one modality -> the fusion layers' input embeddings."""

@@ -65,15 +65,15 @@ def load_split(cfg: AlignConfig, split: str, store: FeatureStore, teacher: BiEnc
 
 
 def student_config(cfg: AlignConfig, teacher: BiEncoder) -> ModelConfig:
-    mine, theirs = cfg.text.size, teacher.cfg.text.size
+    student_size, teacher_size = cfg.text.size, teacher.cfg.text.size
     shape = ("hidden_size", "num_heads", "intermediate_size")
-    if any(getattr(mine, a) != getattr(theirs, a) for a in shape):
+    if any(getattr(student_size, a) != getattr(teacher_size, a) for a in shape):
         # The image transformer takes its shape from the text side's (`ImageEncoder`).
         raise ConfigMismatchError(
             "the student's text size must have the teacher's "
-            + ", ".join(f"{a} {getattr(theirs, a)}" for a in shape)
+            + ", ".join(f"{a} {getattr(teacher_size, a)}" for a in shape)
             + " to hold its image encoder; the config gives "
-            + ", ".join(f"{a} {getattr(mine, a)}" for a in shape)
+            + ", ".join(f"{a} {getattr(student_size, a)}" for a in shape)
         )
     return ModelConfig(
         text=cfg.text,
