@@ -116,10 +116,12 @@ def bank(
 ) -> None:
     """Give a model a query bank: indexes it builds then rank by dot product plus a per-item prior
     that discounts hubs (an inverted softmax over the bank; see `lightningdot.model.prior`)."""
+    from lightningdot.config import BankConfig, from_dict
     from lightningdot.training.bank import give_bank
 
     with user_errors():
-        made = give_bank(model, annotations, features, split, size, beta, seed)
+        cfg = from_dict(BankConfig, {"split": split, "size": size, "beta": beta, "seed": seed})
+        made = give_bank(model, annotations, features, cfg)
     show.print_bank(made, model)
 
 

@@ -298,6 +298,20 @@ class AlignConfig:
 
 
 @dataclass
+class BankConfig:
+    """`ldot bank`: how a model's query bank is drawn (`lightningdot.training.bank`)."""
+
+    split: str = "train"  # a split the model trained on, never one it is evaluated on
+    size: int = 2000  # captions, and images, in the bank
+    beta: float = 10.0  # inverse temperature of the inverted softmax
+    seed: int = 0  # of the draw
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or self.beta <= 0:
+            raise ValueError("--size must be at least 1 and --beta positive")
+
+
+@dataclass
 class IndexConfig:
     """How an index searches (`ldot index --factory`), saved in its `index.json`."""
 

@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from lightningdot.cli import app
-from lightningdot.config import IndexConfig
+from lightningdot.config import BankConfig, IndexConfig
 from lightningdot.data import read_karpathy
 from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.evaluation.metrics import metrics_from_ranks, recall_metrics
@@ -127,7 +127,7 @@ def test_bank_round_trips_with_the_model_and_a_wrong_size_is_refused(tmp_path):
 def test_index_of_a_model_with_a_bank_ranks_as_evaluation_does(corpus_dir, store_dir, tmp_path):
     m = BiEncoder(tiny_model_config()).eval()
     annotations = corpus_dir / "captions.json"
-    m.bank = make_bank(m, annotations, store_dir, "train", size=6, beta=10.0)
+    m.bank = make_bank(m, annotations, store_dir, BankConfig(size=6, beta=10.0))
     assert m.bank.text.shape == (6, 16) and m.bank.image.shape == (6, 16)
     save_model(tmp_path / "model", m)
     corpus = read_karpathy(annotations, "val")

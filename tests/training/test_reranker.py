@@ -6,7 +6,13 @@ import pytest
 import torch
 
 import lightningdot.precision
-from lightningdot.config import DataConfig, LoopConfig, RerankerConfig, RerankTrainConfig
+from lightningdot.config import (
+    BankConfig,
+    DataConfig,
+    LoopConfig,
+    RerankerConfig,
+    RerankTrainConfig,
+)
 from lightningdot.encode import encode_regions, encode_texts
 from lightningdot.features import FeatureStore
 from lightningdot.model.checkpoint import load_reranker, save_model
@@ -22,7 +28,7 @@ def test_mined_negatives_are_the_top_wrong_answers_as_the_index_ranks_them(corpu
     bi = BiEncoder(tiny_model_config()).eval()
     data = DataConfig(str(corpus_dir / "captions.json"), str(store_dir))
     train = load_split(data, "train", FeatureStore(store_dir), soft_labels=False)
-    bi.bank = make_bank(bi, data.annotations, store_dir, "train", size=5, beta=4.0)
+    bi.bank = make_bank(bi, data.annotations, store_dir, BankConfig(size=5, beta=4.0))
     with torch.no_grad():
         text = encode_texts(bi, train.corpus.captions)
         image = encode_regions(bi, train.regions.chunks(4))
