@@ -54,6 +54,18 @@ def _seed() -> None:
 
 
 @pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    """A tiny seeded model saved as a model folder."""
+    from lightningdot.model.checkpoint import save_model
+    from lightningdot.model.encoders import BiEncoder
+
+    m = BiEncoder(tiny_model_config())
+    m.init_pretrained()
+    save_model(tmp_path / "model", m.eval())
+    return tmp_path / "model"
+
+
+@pytest.fixture
 def index_dir(corpus_dir: Path, tmp_path: Path) -> Path:
     """An index of the 8 train images and their captions, made by a tiny model, with a
     re-ranker for that model saved beside it as `rr/`."""

@@ -1,5 +1,6 @@
+"""The Retriever: text and image queries, re-ranking, and the CLI over it."""
+
 import json
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -7,35 +8,18 @@ import torch
 from typer.testing import CliRunner
 
 from lightningdot.cli import app
-from lightningdot.config import IndexConfig
-from lightningdot.data import Corpus, read_karpathy
-from lightningdot.errors import ConfigMismatchError, DataError
+from lightningdot.data import read_karpathy
+from lightningdot.errors import DataError
 from lightningdot.features import FeatureStore
 from lightningdot.index.folder import build_index
-from lightningdot.model.checkpoint import model_identity, save_model
-from lightningdot.model.encoders import BiEncoder
+from lightningdot.model.checkpoint import load_model
 from lightningdot.retrieval import Retriever
-from tests.helpers import tiny_model_config
 
 runner = CliRunner()
 
 
-@pytest.fixture
-def model_dir(tmp_path):
-    m = BiEncoder(tiny_model_config())
-    m.init_pretrained()
-    save_model(tmp_path / "model", m.eval())
-    return tmp_path / "model"
-
-
-def open_model(model_dir):
-    from lightningdot.model.checkpoint import load_model
-
-    return load_model(model_dir)
-
-
 def test_text_search_matches_exact_scores(corpus_dir, store_dir, model_dir, tmp_path):
-    model = open_model(model_dir)
+    model = load_model(model_dir)
     corpus = read_karpathy(corpus_dir / "captions.json")
     store = FeatureStore(store_dir)
     build_index(
@@ -58,7 +42,7 @@ def test_text_search_matches_exact_scores(corpus_dir, store_dir, model_dir, tmp_
 def test_batched_queries_equal_one_by_one(corpus_dir, store_dir, model_dir, tmp_path):
     corpus = read_karpathy(corpus_dir / "captions.json")
     build_index(
-        open_model(model_dir),
+        load_model(model_dir),
         str(model_dir),
         corpus,
         corpus_dir / "images",
@@ -75,7 +59,7 @@ def test_batched_queries_equal_one_by_one(corpus_dir, store_dir, model_dir, tmp_
 def test_image_query_finds_captions_and_itself(corpus_dir, model_dir, tmp_path):
     corpus = read_karpathy(corpus_dir / "captions.json", "train")
     build_index(
-        open_model(model_dir), str(model_dir), corpus, corpus_dir / "images", tmp_path / "ix"
+        load_model(model_dir), str(model_dir), corpus, corpus_dir / "images", tmp_path / "ix"
     )
     r = Retriever.open(tmp_path / "ix")
     (caps,) = r.search_image([corpus_dir / "images" / "img02.png"], k=3)
@@ -88,99 +72,6 @@ def test_image_query_finds_captions_and_itself(corpus_dir, model_dir, tmp_path):
         r.search_image([bad])
     with pytest.raises(DataError, match="empty"):
         r.search_text([" "])
-
-
-def index_of_the_first(n, corpus_dir, store_dir, model_dir, out):
-    """An index of the tiny corpus's first `n` images, to grow; returns the whole corpus."""
-    full = read_karpathy(corpus_dir / "captions.json")
-    first = Corpus(full.images[:n])
-    store = FeatureStore(store_dir)
-    build_index(
-        open_model(model_dir), str(model_dir), first, corpus_dir / "images", out, features=store
-    )
-    return full
-
-
-def test_add_grows_the_index_like_a_rebuild(corpus_dir, store_dir, model_dir, tmp_path):
-    model = open_model(model_dir)
-    store = FeatureStore(store_dir)
-    full = index_of_the_first(6, corpus_dir, store_dir, model_dir, tmp_path / "grown")
-    r = Retriever.open(tmp_path / "grown", mmap=False)
-    assert r.add_collection(full, corpus_dir / "images", store) == 6
-    assert r.add_collection(full, corpus_dir / "images", store) == 0  # nothing new
-    build_index(
-        model, str(model_dir), full, corpus_dir / "images", tmp_path / "whole", features=store
-    )
-    grown, whole = Retriever.open(tmp_path / "grown"), Retriever.open(tmp_path / "whole")
-    q = ["a yellow picture"]
-    assert [x.id for x in grown.search_text(q, 12)[0].results] == [
-        x.id for x in whole.search_text(q, 12)[0].results
-    ]
-    assert len(grown.caption_index) == len(whole.caption_index) == 24
-
-
-@pytest.mark.parametrize("at_once", [False, True], ids=["one-after-the-other", "at-once"])
-def test_adds_from_two_openers_of_one_folder_both_stay(
-    corpus_dir, store_dir, model_dir, tmp_path, at_once
-):
-    """Two processes adding to one index (`ldot index --add` beside a server): neither add may
-    overwrite the other's, whatever the order."""
-    store = FeatureStore(store_dir)
-    full = index_of_the_first(4, corpus_dir, store_dir, model_dir, tmp_path / "ix")
-    first, second = Retriever.open(tmp_path / "ix"), Retriever.open(tmp_path / "ix")
-    halves = Corpus(full.images[4:8]), Corpus(full.images[8:])
-
-    def add(r, part):
-        return r.add_collection(part, corpus_dir / "images", store)
-
-    if at_once:
-        with ThreadPoolExecutor(2) as pool:
-            assert list(pool.map(add, (first, second), halves)) == [4, 4]
-    else:
-        assert add(first, halves[0]) == 4
-        assert add(second, halves[1]) == 4  # opened before the first add, never reloaded
-    reopened = Retriever.open(tmp_path / "ix")
-    assert sorted(it["id"] for it in reopened.image_index.items) == sorted(full.keys())
-    assert len(reopened.caption_index) == len(full.captions)
-    # The opener that saved last had caught up with the other's rows before adding its own.
-    assert max(len(first.image_index), len(second.image_index)) == len(full.images)
-    # An id another opener added meanwhile is refused, not duplicated.
-    with pytest.raises(DataError, match="already in the index"):
-        first.append(np.zeros((1, first.image_index.dim), np.float32), [{"id": full.keys()[-1]}])
-
-
-def test_index_from_another_model_is_refused(corpus_dir, store_dir, model_dir, tmp_path):
-    corpus = read_karpathy(corpus_dir / "captions.json")
-    build_index(
-        open_model(model_dir),
-        str(model_dir),
-        corpus,
-        corpus_dir / "images",
-        tmp_path / "ix",
-        features=FeatureStore(store_dir),
-    )
-    other = BiEncoder(tiny_model_config())
-    torch.manual_seed(123)
-    other.init_pretrained()
-    with torch.no_grad():
-        other.text.proj.weight.add_(1.0)
-    assert model_identity(other) != model_identity(open_model(model_dir))
-    with pytest.raises(ConfigMismatchError, match="rebuild"):
-        Retriever.open(tmp_path / "ix", model=other)
-
-
-def test_approximate_index_reports_recall(corpus_dir, store_dir, model_dir, tmp_path):
-    corpus = read_karpathy(corpus_dir / "captions.json")
-    rep = build_index(
-        open_model(model_dir),
-        str(model_dir),
-        corpus,
-        corpus_dir / "images",
-        tmp_path / "ix",
-        IndexConfig("HNSW8"),
-        FeatureStore(store_dir),
-    )
-    assert rep.recall_at_10 is not None and 0.0 <= rep.recall_at_10 <= 1.0
 
 
 def test_cli_index_and_search(corpus_dir, store_dir, model_dir, tmp_path):
@@ -223,7 +114,7 @@ def test_rerank_reorders_the_dot_top_k_by_fused_scores(corpus_dir, model_dir, tm
     from lightningdot.model.checkpoint import save_reranker
     from lightningdot.model.reranker import Reranker
 
-    model = open_model(model_dir)
+    model = load_model(model_dir)
     corpus = read_karpathy(corpus_dir / "captions.json", "train")  # 8 distinct colours: no ties
     # The backbone's own regions, so that a re-rank from the files must give the same answer.
     items = [(k, corpus_dir / "images" / k) for k in corpus.keys()]
@@ -260,7 +151,7 @@ def test_queries_of_unknown_characters_still_get_an_answer(
 ):
     corpus = read_karpathy(corpus_dir / "captions.json")
     build_index(
-        open_model(model_dir),
+        load_model(model_dir),
         str(model_dir),
         corpus,
         corpus_dir / "images",
@@ -271,3 +162,30 @@ def test_queries_of_unknown_characters_still_get_an_answer(
     for q in ["☃☃☃ ∰", "😀", "שלום עולם", "a dog 🐕 and 猫"]:
         (a,) = r.search_text([q], k=3)
         assert len(a.results) == 3
+
+
+@pytest.mark.parametrize(
+    ("k", "rerank", "says"),
+    [(0, 0, "k must be"), (5, -1, "rerank must be"), (5, 2, "at least k"), (3, 4, "re-ranker")],
+)
+def test_one_check_of_k_and_rerank_for_the_library_and_the_command_line(index_dir, k, rerank, says):
+    reranker = None if says == "re-ranker" else str(index_dir.parent / "rr")
+    with pytest.raises(DataError, match=says):
+        Retriever.open(index_dir, reranker=reranker).search_text(["red"], k, rerank)
+    args = ["search", str(index_dir), "red", "--k", str(k), "--rerank", str(rerank)]
+    if reranker is not None:  # else the command line would try the shipped one, and refuse it
+        r = CliRunner().invoke(app, [*args, "--reranker", reranker])
+        assert r.exit_code == 2 and says in r.output, r.output
+
+
+def test_timing_has_a_queue_only_when_the_arrival_is_known(index_dir):
+    import time
+
+    r = Retriever.open(index_dir)
+    (plain,) = r.search_text(["red"], 3)
+    assert list(plain.timing_ms) == ["encode", "search", "total"]
+    assert plain.timing_ms["total"] == pytest.approx(sum(list(plain.timing_ms.values())[:-1]))
+    arrived = time.perf_counter() - 0.05  # it waited 50 ms before the retriever saw it
+    (queued,) = r.search_text(["red"], 3, received=[arrived])
+    assert list(queued.timing_ms) == ["queue", "encode", "search", "total"]
+    assert queued.timing_ms["queue"] >= 50 and queued.timing_ms["total"] >= 50

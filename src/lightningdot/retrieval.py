@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from lightningdot.data import Corpus
 from lightningdot.encode import ImageInput, RegionSource
@@ -303,12 +302,6 @@ class Retriever:
     ) -> None:
         """Add image rows (and caption rows) to the index folder (`IndexFolder.append`)."""
         self.index.append(vectors, items, captions)
-
-    def add_images(self, images: list[Image.Image], items: list[dict]) -> None:
-        """Encode decoded images and append them with their items (`id`, `path`, ...)."""
-        if len(images) != len(items):
-            raise ValueError(f"{len(images)} images for {len(items)} items")
-        self.append(self.encode_images(images).numpy(), items)
 
     def add_collection(
         self,
