@@ -1,6 +1,6 @@
 """The paper's headline on Flickr8k val: LightningDOT against cross-attention over the gallery.
 
-Runs `ldot bench`'s measurement (lightningdot.bench.run_bench) with the shipped model and
+Runs `ldot bench`'s measurement (lightningdot.evaluation.bench.run_bench) with the shipped model and
 re-ranker: per text query, (a) encode + index search, (b) (a) + cross-attention re-rank of the
 top K, (c) the cross-attention model scoring all 1,000 val images; medians per query, the
 speed-ups (c)/(a) and (c)/(b), and the recalls of (a) and (b) over all val queries.

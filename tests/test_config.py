@@ -55,9 +55,9 @@ def test_the_recipes_recorded_in_the_shipped_weights_still_read(folder, key, cls
     assert cfg.loop.epochs == saved[key]["epochs"] and cfg.loop.lr == saved[key]["lr"]
 
 
-def test_loop_keys_in_both_places_take_the_table_and_unknown_keys_are_named(tmp_path):
-    cfg = from_dict(TrainConfig, {"epochs": 3, "loop": {"epochs": 5}})
-    assert cfg.loop.epochs == 5
+def test_loop_keys_in_both_places_are_refused_and_unknown_keys_are_named(tmp_path):
+    with pytest.raises(DataError, match="both at the top and in"):
+        from_dict(TrainConfig, {"epochs": 3, "loop": {"epochs": 5}})
     with pytest.raises(DataError, match="epoch"):
         from_dict(TrainConfig, {"loop": {"epoch": 3}})
     with pytest.raises(DataError, match="batch_size >= 2"):

@@ -237,7 +237,7 @@ def search(
     image: Annotated[
         list[Path] | None, opt("Image query file(s) (image->text); repeatable.")
     ] = None,
-    images: Annotated[
+    similar: Annotated[
         bool, opt("With --image: similar images instead of captions.", "--similar")
     ] = False,
     k: Annotated[int, opt("Results per query.")] = 10,
@@ -252,10 +252,10 @@ def search(
     with user_errors():
         if not queries and not image:
             raise LightningDotError("give a text query or --image FILE")
-        retriever = Retriever.open(index_dir, model, reranker=reranker if rerank else None)
+        retriever = Retriever.open(index_dir, model, reranker=reranker if rerank > 0 else None)
         if image:
             labels = [str(p) for p in image]
-            target = "images" if images else "captions"
+            target = "images" if similar else "captions"
             answers = retriever.search_image(list(image), k, target, rerank)
         else:
             labels = list(queries or [])

@@ -38,7 +38,7 @@ class BertSize:
 
 @dataclass
 class TextConfig:
-    # Packaged pretrained weights to start from (see `lightningdot.pretrained`); None builds a
+    # Packaged pretrained weights to start from (see `lightningdot.model.pretrained`); None builds a
     # randomly initialised BERT of `size`, as the tests do.
     pretrained: str | None = "all-minilm-l6-v2"
     size: BertSize = field(default_factory=BertSize)
@@ -171,6 +171,9 @@ def _lift_loop_keys(data: dict[str, Any]) -> dict[str, Any]:
     flat = {k: v for k, v in data.items() if k in names}
     if not flat:
         return data
+    twice = sorted(set(flat) & set(data.get("loop", {})))
+    if twice:
+        raise DataError(f"{twice} given both at the top and in [loop]; keep one")
     rest = {k: v for k, v in data.items() if k not in names}
     return rest | {"loop": flat | dict(data.get("loop", {}))}
 

@@ -88,16 +88,17 @@ class RegionSource:
         keys: Sequence[str],
         paths: Sequence[str] | None = None,
         progress: Progress | None = None,
-        strict: bool = True,
+        fallback: bool = False,
     ) -> Iterator[RegionBatch]:
         """The regions of the images `keys` (their files at `paths`, by default the keys), in
-        order, a batch at a time: from the store when it holds every key, else from the files.
+        order, a batch at a time: from the store, or from the files when there is no store (or,
+        with `fallback`, when the store lacks any of the keys).
 
         Raises:
-            DataError: with `strict`, the store lacks some of the keys.
+            DataError: without `fallback`, the store lacks some of the keys.
         """
         progress = progress or Silent()
-        if self.store is not None and (strict or all(k in self.store for k in keys)):
+        if self.store is not None and not (fallback and any(k not in self.store for k in keys)):
             missing = [k for k in keys if k not in self.store]
             if missing:
                 raise DataError(
@@ -114,7 +115,7 @@ class RegionSource:
 
     def regions(self, keys: Sequence[str], paths: Sequence[str] | None = None) -> RegionBatch:
         """All at once: the candidates of a re-rank, from the store when it has them all."""
-        return concat_batches(list(self.batches(keys, paths, strict=False)))
+        return concat_batches(list(self.batches(keys, paths, fallback=True)))
 
 
 def encode_collection(

@@ -80,6 +80,15 @@ def write_safetensors(
         save_file(tensors, str(tmp), metadata=metadata)
 
 
+def recover_dir(path: str | os.PathLike[str]) -> None:
+    """Put back the folder a crash inside `atomic_dir` left only as `path.old` (killed between
+    moving the old folder aside and moving the new one in)."""
+    final = Path(path)
+    old = final.with_name(final.name + ".old")
+    if not final.exists() and old.is_dir():
+        old.rename(final)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield an empty sibling folder to fill; it replaces `path` only when the block succeeds.
@@ -88,6 +97,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     leaves a complete folder under `path` or under `path.old`.
     """
     final = Path(path)
+    recover_dir(final)
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)

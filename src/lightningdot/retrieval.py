@@ -67,8 +67,14 @@ class Added:
     timing_ms: dict[str, float] = field(default_factory=dict)
 
 
-def check_query(k: int, rerank: int, reranker: Reranker | None) -> None:
-    """The one check of a query's result count and re-rank depth.
+NO_RERANKER = "re-ranking needs a re-ranker: open the index with one (--reranker)"
+
+
+def check_query(
+    k: int, rerank: int, reranker: Reranker | None, no_reranker: str = NO_RERANKER
+) -> None:
+    """The one check of a query's result count and re-rank depth (`no_reranker`: what to say
+    when re-ranking is asked of a retriever without a re-ranker).
 
     Raises:
         DataError: k < 1, rerank < 0, re-ranking without a re-ranker, or 0 < rerank < k
@@ -79,7 +85,7 @@ def check_query(k: int, rerank: int, reranker: Reranker | None) -> None:
     if rerank < 0:
         raise DataError(f"rerank must be 0 (off) or positive, not {rerank}")
     if rerank and reranker is None:
-        raise DataError("re-ranking needs a re-ranker: open the index with one (--reranker)")
+        raise DataError(no_reranker)
     if 0 < rerank < k:
         raise DataError(f"rerank ({rerank}) must be 0 or at least k ({k})")
 

@@ -148,9 +148,36 @@ def test_a_new_run_starts_a_new_log(corpus_dir, store_dir, tmp_path):
     assert [r["epoch"] for r in log_of(tmp_path / "run")] == [1]
 
 
-def test_a_run_of_another_trainer_is_not_resumed(corpus_dir, store_dir, tmp_path):
+@pytest.mark.parametrize("other", [align_run, reranker_run], ids=["align", "reranker"])
+def test_a_run_of_another_trainer_is_not_resumed(other, corpus_dir, store_dir, tmp_path):
     _, run = finetune_run(corpus_dir, store_dir, tmp_path, epochs=1)
     run(tmp_path / "run")
-    _, other = align_run(corpus_dir, store_dir, tmp_path, epochs=1)
+    _, run_other = other(corpus_dir, store_dir, tmp_path, epochs=1)
     with pytest.raises(DataError, match="another trainer"):
-        other(tmp_path / "run")
+        run_other(tmp_path / "run")
+
+
+def test_a_kill_while_last_is_swapped_resumes_from_the_folder_set_aside(
+    corpus_dir, store_dir, tmp_path
+):
+    _, run = finetune_run(corpus_dir, store_dir, tmp_path, epochs=2)
+    run(tmp_path / "whole")
+    with pytest.raises(Stop):
+        run(tmp_path / "run", on_step=stop_at(1))
+    # As a kill between moving last/ aside and moving the next one in leaves the folder.
+    (tmp_path / "run" / "last").rename(tmp_path / "run" / "last.old")
+    said: list[str] = []
+    run(tmp_path / "run", log=said.append)
+    assert "resuming" in said[0] and not (tmp_path / "run" / "last.old").exists()
+    assert log_of(tmp_path / "run") == log_of(tmp_path / "whole")
+
+
+def test_a_kill_after_the_last_save_and_before_the_log_loses_no_record(
+    corpus_dir, store_dir, tmp_path
+):
+    _, run = finetune_run(corpus_dir, store_dir, tmp_path, epochs=1)
+    run(tmp_path / "run")
+    whole = log_of(tmp_path / "run")
+    (tmp_path / "run" / "log.jsonl").write_text("")  # the log of the last epoch never written
+    run(tmp_path / "run")
+    assert log_of(tmp_path / "run") == whole

@@ -41,7 +41,7 @@ def _as_matrix(vectors: Any, dim: int | None = None) -> np.ndarray:
 
 @dataclass
 class IndexPrior:
-    """The query-bank prior of an index's items (`lightningdot.prior`)."""
+    """The query-bank prior of an index's items (`lightningdot.model.prior`)."""
 
     bank: np.ndarray  # (N, D) vectors of typical queries of this index
     beta: float

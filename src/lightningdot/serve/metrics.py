@@ -33,7 +33,8 @@ class Metrics:
         )
         self.stages = Histogram(
             "ldot_stage_seconds",
-            "Time per query in each stage: queue, encode, search, rerank, total.",
+            "Time per request in each stage: queue, encode, search, rerank (queries), add "
+            "(POST /images), total.",
             ["route", "stage"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,

@@ -40,6 +40,7 @@ from lightningdot.serve.schemas import (
 from lightningdot.serve.service import Service, TextQuery
 
 PAGE = resources.files("lightningdot.serve").joinpath("static/index.html")
+NO_RERANKER = "this server has no re-ranker (start it with --reranker)"
 
 
 async def read_upload(f: UploadFile) -> tuple[str, bytes]:
@@ -69,7 +70,7 @@ def query_routes(service: Service) -> APIRouter:
         """Text -> images: the indexed images that best match the query."""
         if not q.strip():
             raise HTTPException(400, "the query is empty")
-        check_query(k, rerank, retriever.reranker)  # before it waits in the queue
+        check_query(k, rerank, retriever.reranker, NO_RERANKER)  # before it waits in the queue
         answer = await service.search_text(TextQuery(q, k, rerank))
         service.metrics.observe("/search", answer.timing_ms)
         results = [to_hit(r) for r in answer.results]
@@ -88,7 +89,7 @@ def query_routes(service: Service) -> APIRouter:
     ) -> ImageSearchResponse:
         """Image -> the captions that describe it and the indexed images that look like it."""
         name, data = await read_upload(file)
-        check_query(k, rerank, retriever.reranker)
+        check_query(k, rerank, retriever.reranker, NO_RERANKER)
         has_captions = retriever.caption_index is not None
         if rerank and not has_captions:
             raise HTTPException(400, "re-ranking needs a caption index, and this index has none")

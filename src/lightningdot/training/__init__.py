@@ -2,7 +2,6 @@
 
 loop.py          fit(): epochs, steps, validation, checkpoints, resume, the log
 optim.py         AdamW parameter groups and the warm-up + cosine schedule
-precision.py     bfloat16 mixed precision and its float32 fallback
 distributed.py   torchrun: process group, rank, gathering across ranks
 data.py          a training split with its regions preloaded
 objectives.py    VMLM, SMRM, CMR and the re-ranker's ITM, as functions of tensors

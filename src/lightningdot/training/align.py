@@ -178,22 +178,26 @@ class AlignTask(Task):
         teacher = load_model(cfg.teacher)
         store = FeatureStore(cfg.features)
         with torch.inference_mode():
-            self.train = load_split(cfg, cfg.train_split, store, teacher)
-            self.val = load_split(cfg, cfg.val_split, store, teacher) if cfg.val_split else None
-            self.teacher_text = encode_texts(teacher, self.train.corpora[0].captions)
+            self.train_split = load_split(cfg, cfg.train_split, store, teacher)
+            self.val_split = (
+                load_split(cfg, cfg.val_split, store, teacher) if cfg.val_split else None
+            )
+            self.teacher_text = encode_texts(teacher, self.train_split.corpora[0].captions)
             self.teacher_centroids = (
-                centroids(self.teacher_text, self.train.corpora[0]) if cfg.cross_distill else None
+                centroids(self.teacher_text, self.train_split.corpora[0])
+                if cfg.cross_distill
+                else None
             )
         self.student = self.module = make_student(cfg, teacher)
         self.offsets = [
             torch.tensor([0] + [len(im.captions) for im in c.images]).cumsum(0)
-            for c in self.train.corpora
+            for c in self.train_split.corpora
         ]
-        self.captions = [c.captions for c in self.train.corpora]  # flat, per language
+        self.captions = [c.captions for c in self.train_split.corpora]  # flat, per language
         self.items_per_step = cfg.loop.batch_size
 
     def steps_per_epoch(self) -> int:
-        return max(1, len(self.train.images) // self.cfg.loop.batch_size)
+        return max(1, len(self.train_split.images) // self.cfg.loop.batch_size)
 
     def param_groups(self) -> list[dict]:
         cfg = self.cfg
@@ -206,7 +210,7 @@ class AlignTask(Task):
 
     def batches(self, epoch: int, gen: torch.Generator) -> Iterator[tuple]:
         b = self.cfg.loop.batch_size
-        order = torch.randperm(len(self.train.images), generator=gen)
+        order = torch.randperm(len(self.train_split.images), generator=gen)
         for step in range(self.steps_per_epoch()):
             idx = order[step * b : (step + 1) * b]
             # One caption of each image in every language, each drawn uniformly.
@@ -216,27 +220,31 @@ class AlignTask(Task):
             ]
             yield idx, picks
 
-    def losses(self, batch: tuple, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def loss_terms(self, batch: tuple, gen: torch.Generator) -> dict[str, torch.Tensor]:
         idx, picks = batch
         vectors = [
             self.student.encode_text([captions[i] for i in pick.tolist()])
             for captions, pick in zip(self.captions, picks, strict=True)
         ]
-        centroids_ = self.teacher_centroids
+        targets = self.teacher_centroids
         return align_losses(
             vectors,
-            self.train.images[idx],
+            self.train_split.images[idx],
             self.student.logit_scale,
             self.teacher_text[picks[0]],
-            self.train.languages,
-            None if centroids_ is None else centroids_[idx],
+            self.train_split.languages,
+            None if targets is None else targets[idx],
         )
 
-    def loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        return weighted_sum(losses, self.cfg.distill, self.cfg.cross_distill)
+    def total_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        return weighted_sum(terms, self.cfg.distill, self.cfg.cross_distill)
 
     def validate(self) -> Validation | None:
-        return None if self.val is None else Validation(evaluate_languages(self.student, self.val))
+        return (
+            None
+            if self.val_split is None
+            else Validation(evaluate_languages(self.student, self.val_split))
+        )
 
     def save(self, folder: Path, extra: dict) -> None:
         save_model(folder, self.student, torch.float32, extra)
@@ -255,4 +263,4 @@ def align(
     a better mean val AR, `out/last` after every epoch, resumed when interrupted. Returns the
     best metrics."""
     cfg = dataclasses.replace(cfg, loop=effective_loop(cfg.loop, torch.device("cpu"), log))
-    return fit(lambda: AlignTask(cfg), cfg.loop, out, ("align", cfg), on_step, log)
+    return fit(lambda: AlignTask(cfg), cfg, "align", out, on_step, log)

@@ -22,7 +22,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from torch import nn
 
 from lightningdot.config import LoopConfig, from_dict, require_same, to_dict
 from lightningdot.errors import DataError
-from lightningdot.io import atomic_dir, read_json, write_jsonl
+from lightningdot.io import atomic_dir, read_json, recover_dir, write_jsonl
 from lightningdot.precision import effective_bf16, mixed_precision
 from lightningdot.training.distributed import init_distributed, world
 from lightningdot.training.optim import warmup_cosine
@@ -55,7 +55,7 @@ class Task:
     module: nn.Module  # put in train mode each epoch; its trainable parameters are clipped
     device: torch.device = torch.device("cpu")
     unit: str = "items"  # the log's `<unit>_per_s` counts these
-    items_per_step: int = 1  # on each rank
+    items_per_step: int = 1  # on all ranks together
 
     def steps_per_epoch(self) -> int:
         raise NotImplementedError
@@ -64,16 +64,17 @@ class Task:
         """The optimiser's parameter groups, each with its "lr" and "weight_decay"."""
         raise NotImplementedError
 
-    def batches(self, epoch: int, gen: torch.Generator) -> Iterator[Any]:
-        """This rank's `steps_per_epoch()` batches of the epoch, drawn with `gen`."""
+    def batches(self, epoch: int, gen: torch.Generator) -> Iterable[Any]:
+        """This rank's `steps_per_epoch()` batches of the epoch, drawn with `gen`. Work done
+        before returning them (mining negatives) is not counted in the epoch's time."""
         raise NotImplementedError
 
-    def losses(self, batch: Any, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def loss_terms(self, batch: Any, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """The named loss terms of one batch (run under mixed precision when asked for)."""
         raise NotImplementedError
 
-    def loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The weighted sum the optimiser minimises."""
+    def total_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The weighted sum of the terms that the optimiser minimises."""
         raise NotImplementedError
 
     def save(self, folder: Path, extra: dict) -> None:
@@ -146,9 +147,9 @@ class _Run:
     """A run in progress: where it is, and what it has done so far."""
 
     task: Task
-    loop: LoopConfig
+    recipe: Any  # the trainer's config; its `loop` drives this loop
+    key: str  # the recipe's key in the config.json of checkpoints
     out: Path
-    recipe: tuple[str, Any]  # (its key in checkpoints' config.json, the recipe)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     start: int = 0  # first epoch to run
@@ -169,16 +170,20 @@ class _Run:
             "best": self.best,
             "task": self.task.state(),
             "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "log": self.log,
         }
 
     def restore(self, state: dict) -> None:
+        # A state saved before it had a "task" entry kept the pre-training heads at its top.
         self.task.resume(self.out / "last", state.get("task", state))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.start, self.best = state["epoch"] + 1, state["best"]
         if "rng" in state:  # the dropout of the next epoch, as an uninterrupted run has it
             torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.log = state.get("log") or _read_log(self.out / "log.jsonl", self.start)
 
 
@@ -192,34 +197,44 @@ def _read_log(path: Path, epochs: int) -> list[dict]:
 
 def _saved_state(out: Path, key: str, recipe: Any) -> dict | None:
     """The state of an interrupted run of the same recipe in `out`, or None for a new run."""
+    for folder in ("last", "best"):
+        recover_dir(out / folder)
     if not (out / "last" / STATE).is_file():
         return None
     saved = read_json(out / "last" / "config.json", "run config")
+    other = DataError(f"{out} holds a run of another trainer (no {key!r} recipe of this one)")
     if key not in saved:
-        raise DataError(f"{out} holds a run of another trainer (no {key!r} recipe saved)")
-    require_same(recipe, from_dict(type(recipe), saved[key]), f"the run in {out}")
+        raise other
+    try:
+        found = from_dict(type(recipe), saved[key])
+    except DataError as e:  # the same key, another trainer's recipe (pretrain and re-ranker)
+        raise other from e
+    require_same(recipe, found, f"the run in {out}")
     return torch.load(out / "last" / STATE, weights_only=True)
 
 
 def fit(
     build: Callable[[], Task],
-    loop: LoopConfig,
+    recipe: Any,
+    key: str,
     out: str | Path,
-    recipe: tuple[str, Any],
     on_step: StepCallback | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Seed, build the task, and train it for `loop.epochs`, resuming an interrupted run of the
-    same recipe in `out` (see the module docstring). Returns the best val metrics ({} without
-    validation)."""
-    out = Path(out)
+    """Seed, build the task, and train it for `recipe.loop.epochs`, resuming an interrupted run
+    of the same recipe in `out` (see the module docstring); the recipe is saved under `key` in
+    each checkpoint's config.json. Returns the best val metrics, on rank 0 ({} without
+    validation, and on other ranks)."""
+    out, loop = Path(out), recipe.loop
     init_distributed()
     if loop.threads:
         torch.set_num_threads(loop.threads)
     seed_everything(loop.seed)
-    state = _saved_state(out, *recipe)
+    state = _saved_state(out, key, recipe)
     if state is not None and state["epoch"] + 1 >= loop.epochs:
         log(f"{out} has finished all {loop.epochs} epochs; nothing to do")
+        if state.get("log") and world()[0] == 0:  # killed after saving last/, before the log
+            write_jsonl(out / "log.jsonl", state["log"])
         return _best(state["best"])
     task = build()  # after seeding: its random initialisation is the recipe's
     optimizer = torch.optim.AdamW(task.param_groups())
@@ -227,7 +242,7 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total_steps, loop.warmup)
     )
-    run = _Run(task, loop, out, recipe, optimizer, scheduler)
+    run = _Run(task, recipe, key, out, optimizer, scheduler)
     if state is not None:
         run.restore(state)
         log(f"resuming {out} at epoch {run.start + 1}/{loop.epochs}")
@@ -241,18 +256,18 @@ def _best(metrics: dict) -> dict:
 
 
 def _epoch(run: _Run, epoch: int, on_step: StepCallback | None, log: Callable[[str], None]):
-    task, loop = run.task, run.loop
+    task, loop = run.task, run.recipe.loop
     rank, world_size = world()
     gen = torch.Generator().manual_seed(loop.seed * 1000 + epoch)
     task.module.train()
     params = [p for p in task.module.parameters() if p.requires_grad]
+    batches = task.batches(epoch, gen)  # before the clock: what it prepares is not a step
     steps, sums, t0 = task.steps_per_epoch(), {}, time.perf_counter()
-    for step, batch in enumerate(task.batches(epoch, gen)):
+    for step, batch in enumerate(batches):
         with mixed_precision(task.device, loop.bf16):
-            losses = task.losses(batch, gen)
-        values = take_step(
-            task.loss(losses), losses, run.optimizer, run.scheduler, params, loop.grad_clip, sums
-        )
+            terms = task.loss_terms(batch, gen)
+        loss = task.total_loss(terms)
+        values = take_step(loss, terms, run.optimizer, run.scheduler, params, loop.grad_clip, sums)
         task.after_step()
         if on_step and rank == 0:
             on_step(epoch, step, steps, values)
@@ -261,7 +276,7 @@ def _epoch(run: _Run, epoch: int, on_step: StepCallback | None, log: Callable[[s
         "epoch": epoch + 1,
         "world_size": world_size,
         "seconds": round(seconds, 2),
-        f"{task.unit}_per_s": round(steps * task.items_per_step * world_size / seconds, 2),
+        f"{task.unit}_per_s": round(steps * task.items_per_step / seconds, 2),
         "loss": {k: round(v / steps, 5) for k, v in sums.items()},
         **task.epoch_record(),
         "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -274,9 +289,8 @@ def _epoch(run: _Run, epoch: int, on_step: StepCallback | None, log: Callable[[s
 
 def _finish_epoch(run: _Run, epoch: int, record: dict, log: Callable[[str], None]) -> None:
     """Validate, save best/ and last/, and write the log (rank 0 only)."""
-    key, recipe = run.recipe
-    extra = {key: to_dict(recipe), "epoch": epoch + 1}
-    with mixed_precision(run.task.device, run.loop.bf16):
+    extra = {run.key: to_dict(run.recipe), "epoch": epoch + 1}
+    with mixed_precision(run.task.device, run.recipe.loop.bf16):
         validation = run.task.validate()
     if validation is not None:
         record.update(validation.record)

@@ -240,7 +240,7 @@ class PretrainTask(Task):
                 self.module, find_unused_parameters=True
             )
         self.per_rank = len(self.train_data.corpus.images) // world_size
-        self.items_per_step = cfg.loop.batch_size
+        self.items_per_step = cfg.loop.batch_size * world_size  # each rank takes a batch
 
     def steps_per_epoch(self) -> int:
         return max(1, self.per_rank // self.cfg.loop.batch_size)
@@ -249,7 +249,7 @@ class PretrainTask(Task):
         return param_groups(self.module, self.cfg)
 
     def batches(self, epoch: int, gen: torch.Generator) -> Iterator[tuple]:
-        cfg, data, b = self.cfg, self.train_data, self.cfg.loop.batch_size
+        cfg, data = self.cfg, self.train_data
         images = data.corpus.images
         order = torch.randperm(len(images), generator=gen)
         # One caption per image per epoch: a batch never holds two captions of one image, so
@@ -263,6 +263,10 @@ class PretrainTask(Task):
         if cfg.hard_negatives and epoch > 0:
             hard_idx = mine_hard_negatives(self.model, data, pick, cfg.hard_negatives)
         share = order[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+        return self._steps(share, pick, hard_idx, gen)
+
+    def _steps(self, share, pick, hard_idx, gen: torch.Generator) -> Iterator[tuple]:
+        cfg, data, b = self.cfg, self.train_data, self.cfg.loop.batch_size
         captions = data.corpus.captions
         for step in range(self.steps_per_epoch()):
             idx = share[step * b : (step + 1) * b]
@@ -274,12 +278,12 @@ class PretrainTask(Task):
                 hard = data.regions.select(hard_idx[idx].flatten()).to(self.device)
             yield tokens, regions.to(self.device), hard
 
-    def losses(self, batch: tuple, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def loss_terms(self, batch: tuple, gen: torch.Generator) -> dict[str, torch.Tensor]:
         tokens, regions, hard = batch
         return self.wrapped(tokens, regions, gen, hard)
 
-    def loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        return weighted_loss(losses, self.cfg.objectives)
+    def total_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        return weighted_loss(terms, self.cfg.objectives)
 
     def after_step(self) -> None:
         with torch.no_grad():
@@ -319,7 +323,7 @@ def train(
     `out/best` on a better val AR, resumed from `out/last` when it holds a run of the same
     recipe. Returns the best val metrics."""
     cfg = dataclasses.replace(cfg, loop=effective_loop(cfg.loop, local_device(), log))
-    return fit(lambda: PretrainTask(cfg), cfg.loop, out, ("train", cfg), on_step, log)
+    return fit(lambda: PretrainTask(cfg), cfg, "train", out, on_step, log)
 
 
 def finetune(

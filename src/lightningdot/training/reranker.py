@@ -119,9 +119,9 @@ class RerankerTask(Task):
         self.val = load_split(cfg.data, val, store, False) if val else None
         log("mining hard negatives with the bi-encoder")
         # The bi-encoder is frozen: the states the cross-encoder reads are computed once.
-        self.images = gallery_states(self.reranker, train.regions)
-        self.captions = caption_states(self.reranker, train.corpus.captions)
-        vectors = vectors_of_states(bi, self.captions, self.images, train.regions)
+        self.image_states = gallery_states(self.reranker, train.regions)
+        self.caption_states = caption_states(self.reranker, train.corpus.captions)
+        vectors = vectors_of_states(bi, self.caption_states, self.image_states, train.regions)
         self.mined = mine_negatives(bi, train, cfg.mine_from, *vectors)
         self.owner = torch.as_tensor(train.corpus.caption_image)
         self.items_per_step = 2 * cfg.loop.batch_size
@@ -139,7 +139,7 @@ class RerankerTask(Task):
     def batches(self, epoch: int, gen: torch.Generator) -> Iterator[tuple]:
         cfg, b, n = self.cfg, self.cfg.loop.batch_size, self.cfg.negatives + 1
         order = torch.randperm(len(self.owner), generator=gen)
-        states, masks = self.images
+        states, masks = self.image_states
         for step in range(self.steps_per_epoch()):
             cap = order[step * b : (step + 1) * b]
             img = self.owner[cap]
@@ -152,19 +152,23 @@ class RerankerTask(Task):
             cand_cap = torch.cat([cap[:, None], hard_captions], 1)
             yield cap, img, images, cand_img, cand_cap
 
-    def losses(self, batch: tuple, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def loss_terms(self, batch: tuple, gen: torch.Generator) -> dict[str, torch.Tensor]:
         cap, img, images, cand_img, cand_cap = batch
         n, rr = cand_img.shape[1], self.reranker
-        t2i = rr.cross_scores(self.captions, images, cap.repeat_interleave(n), cand_img.flatten())
-        i2t = rr.cross_scores(self.captions, images, cand_cap.flatten(), img.repeat_interleave(n))
+        t2i = rr.cross_scores(
+            self.caption_states, images, cap.repeat_interleave(n), cand_img.flatten()
+        )
+        i2t = rr.cross_scores(
+            self.caption_states, images, cand_cap.flatten(), img.repeat_interleave(n)
+        )
         w = self.cfg.train_fusion
         return itm_loss(
             rr.fused_score(t2i.float().view(-1, n), self.mined.dot_t2i(cap, cand_img), w),
             rr.fused_score(i2t.float().view(-1, n), self.mined.dot_i2t(img, cand_cap), w),
         )
 
-    def loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        return (losses["itm_t2i"] + losses["itm_i2t"]) / 2
+    def total_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (terms["itm_t2i"] + terms["itm_i2t"]) / 2
 
     def validate(self) -> Validation | None:
         if self.val is None:
@@ -203,4 +207,4 @@ def train_reranker(
     """Train a re-ranker for the recipe's bi-encoder (`lightningdot.training.loop.fit`);
     `out/best` holds the best val AR re-ranking the top `val_k`."""
     cfg = dataclasses.replace(cfg, loop=effective_loop(cfg.loop, torch.device("cpu"), log))
-    return fit(lambda: RerankerTask(cfg, val_k, log), cfg.loop, out, ("train", cfg), on_step, log)
+    return fit(lambda: RerankerTask(cfg, val_k, log), cfg, "train", out, on_step, log)
