@@ -77,3 +77,15 @@ def tiny_reranker(seed: int = 0, fusion: float = 1.0):
     r = Reranker(bi.eval(), RerankerConfig(num_layers=1, fusion=fusion))
     r.init_pretrained()
     return r.eval()
+
+
+def index_of_saved_model(model_dir: Path, corpus, corpus_dir: Path, out: Path, store_dir=None):
+    """An index folder of `corpus` (images under `corpus_dir/images`) by the model saved in
+    `model_dir`, reading regions from the store at `store_dir` when given."""
+    from lightningdot.features import FeatureStore
+    from lightningdot.index.folder import build_index
+    from lightningdot.model.checkpoint import load_model
+
+    store = FeatureStore(store_dir) if store_dir is not None else None
+    images = corpus_dir / "images"
+    return build_index(load_model(model_dir), str(model_dir), corpus, images, out, features=store)

@@ -14,6 +14,7 @@ from lightningdot.features import FeatureStore
 from lightningdot.index.folder import build_index
 from lightningdot.model.checkpoint import load_model
 from lightningdot.retrieval import Retriever
+from tests.helpers import index_of_saved_model
 
 runner = CliRunner()
 
@@ -41,14 +42,7 @@ def test_text_search_matches_exact_scores(corpus_dir, store_dir, model_dir, tmp_
 
 def test_batched_queries_equal_one_by_one(corpus_dir, store_dir, model_dir, tmp_path):
     corpus = read_karpathy(corpus_dir / "captions.json")
-    build_index(
-        load_model(model_dir),
-        str(model_dir),
-        corpus,
-        corpus_dir / "images",
-        tmp_path / "ix",
-        features=FeatureStore(store_dir),
-    )
+    index_of_saved_model(model_dir, corpus, corpus_dir, tmp_path / "ix", store_dir)
     r = Retriever.open(tmp_path / "ix")
     qs = ["a green picture", "something white", "purple"]
     batched = [[x.id for x in a.results] for a in r.search_text(qs, 4)]
@@ -58,9 +52,7 @@ def test_batched_queries_equal_one_by_one(corpus_dir, store_dir, model_dir, tmp_
 
 def test_image_query_finds_captions_and_itself(corpus_dir, model_dir, tmp_path):
     corpus = read_karpathy(corpus_dir / "captions.json", "train")
-    build_index(
-        load_model(model_dir), str(model_dir), corpus, corpus_dir / "images", tmp_path / "ix"
-    )
+    index_of_saved_model(model_dir, corpus, corpus_dir, tmp_path / "ix")
     r = Retriever.open(tmp_path / "ix")
     (caps,) = r.search_image([corpus_dir / "images" / "img02.png"], k=3)
     assert len(caps.results) == 3 and all(x.caption for x in caps.results)
@@ -150,14 +142,7 @@ def test_queries_of_unknown_characters_still_get_an_answer(
     corpus_dir, store_dir, model_dir, tmp_path
 ):
     corpus = read_karpathy(corpus_dir / "captions.json")
-    build_index(
-        load_model(model_dir),
-        str(model_dir),
-        corpus,
-        corpus_dir / "images",
-        tmp_path / "ix",
-        features=FeatureStore(store_dir),
-    )
+    index_of_saved_model(model_dir, corpus, corpus_dir, tmp_path / "ix", store_dir)
     r = Retriever.open(tmp_path / "ix")
     for q in ["☃☃☃ ∰", "😀", "שלום עולם", "a dog 🐕 and 猫"]:
         (a,) = r.search_text([q], k=3)

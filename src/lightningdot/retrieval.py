@@ -156,7 +156,8 @@ class Retriever:
         shipped one if it fits the model)."""
         info = IndexFolder.read_info(folder)
         net = model if isinstance(model, BiEncoder) else load_model(model or info["model"])
-        return cls(net, IndexFolder.open(folder, net, mmap), open_reranker(reranker, net))
+        index = IndexFolder.open(folder, net, mmap, info)
+        return cls(net, index, open_reranker(reranker, net))
 
     @property
     def folder(self) -> Path:

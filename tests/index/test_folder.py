@@ -15,17 +15,14 @@ from lightningdot.index.folder import build_index
 from lightningdot.model.checkpoint import load_model, model_identity
 from lightningdot.model.encoders import BiEncoder
 from lightningdot.retrieval import Retriever
-from tests.helpers import tiny_model_config
+from tests.helpers import index_of_saved_model, tiny_model_config
 
 
 def index_of_the_first(n, corpus_dir, store_dir, model_dir, out):
     """An index of the tiny corpus's first `n` images, to grow; returns the whole corpus."""
     full = read_karpathy(corpus_dir / "captions.json")
     first = Corpus(full.images[:n])
-    store = FeatureStore(store_dir) if store_dir else None
-    build_index(
-        load_model(model_dir), str(model_dir), first, corpus_dir / "images", out, features=store
-    )
+    index_of_saved_model(model_dir, first, corpus_dir, out, store_dir)
     return full
 
 
@@ -79,14 +76,7 @@ def test_adds_from_two_openers_of_one_folder_both_stay(
 
 def test_index_from_another_model_is_refused(corpus_dir, store_dir, model_dir, tmp_path):
     corpus = read_karpathy(corpus_dir / "captions.json")
-    build_index(
-        load_model(model_dir),
-        str(model_dir),
-        corpus,
-        corpus_dir / "images",
-        tmp_path / "ix",
-        features=FeatureStore(store_dir),
-    )
+    index_of_saved_model(model_dir, corpus, corpus_dir, tmp_path / "ix", store_dir)
     other = BiEncoder(tiny_model_config())
     torch.manual_seed(123)
     other.init_pretrained()

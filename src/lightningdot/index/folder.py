@@ -127,11 +127,13 @@ class IndexFolder:
         return read_json(Path(folder) / "retriever.json", "index folder record", missing)
 
     @classmethod
-    def open(cls, folder: str | Path, model: BiEncoder, mmap: bool = True) -> IndexFolder:
+    def open(
+        cls, folder: str | Path, model: BiEncoder, mmap: bool = True, info: dict | None = None
+    ) -> IndexFolder:
         """Load the folder's indexes, refusing them unless `model` (or one sharing its
-        indexes) made them."""
+        indexes) made them; `info`: its `read_info`, when the caller has read it already."""
         folder = Path(folder)
-        info = cls.read_info(folder)
+        info = info if info is not None else cls.read_info(folder)
         identity = index_identity(model)
         image_index = VectorIndex.load(folder / "images", identity, mmap)
         caption_index = None
@@ -182,8 +184,8 @@ class IndexFolder:
     def _grown_captions(self, text: np.ndarray, items: list[dict], image_index: VectorIndex):
         """The caption index with these rows added (made, the first time, like `image_index`)."""
         if self.caption_index is None:
-            ix = image_index
-            return VectorIndex.build(text, items, ix.model_id, ix.cfg, self.caption_prior)
+            made_like = image_index.model_id, image_index.cfg
+            return VectorIndex.build(text, items, *made_like, self.caption_prior)
         grown = self.caption_index.copy()
         grown.add(text, items)
         return grown

@@ -33,7 +33,7 @@ from lightningdot.model.checkpoint import index_identity, load_model, load_state
 from lightningdot.model.encoders import BiEncoder
 from lightningdot.model.shipped import is_shipped, resolve
 from lightningdot.precision import in_float32
-from lightningdot.training.loop import StepCallback, Task, Validation, effective_loop, fit
+from lightningdot.training.loop import StepCallback, Task, Validation, fit
 from lightningdot.training.objectives import cmr_loss
 from lightningdot.training.optim import decay_groups
 
@@ -262,5 +262,4 @@ def align(
     """Train the student as the config says (`lightningdot.training.loop.fit`): `out/best` on
     a better mean val AR, `out/last` after every epoch, resumed when interrupted. Returns the
     best metrics."""
-    cfg = dataclasses.replace(cfg, loop=effective_loop(cfg.loop, torch.device("cpu"), log))
-    return fit(lambda: AlignTask(cfg), cfg, "align", out, on_step, log)
+    return fit(AlignTask, cfg, "align", out, on_step, log)

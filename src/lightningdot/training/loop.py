@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightningdot.config import LoopConfig, from_dict, require_same, to_dict
+from lightningdot.config import from_dict, require_same, to_dict
 from lightningdot.errors import DataError
 from lightningdot.io import atomic_dir, read_json, recover_dir, write_jsonl
 from lightningdot.precision import effective_bf16, mixed_precision
@@ -40,6 +40,7 @@ from lightningdot.training.optim import warmup_cosine
 
 StepCallback = Callable[[int, int, int, dict[str, float]], None]  # epoch, step, steps, losses
 STATE = "train_state.pt"
+CPU = torch.device("cpu")
 
 
 @dataclass
@@ -53,7 +54,7 @@ class Task:
     that raise NotImplementedError; the others are optional hooks."""
 
     module: nn.Module  # put in train mode each epoch; its trainable parameters are clipped
-    device: torch.device = torch.device("cpu")
+    device: torch.device = CPU
     unit: str = "items"  # the log's `<unit>_per_s` counts these
     items_per_step: int = 1  # on all ranks together
 
@@ -98,11 +99,6 @@ class Task:
     def state(self) -> dict:
         """What else a resumed run needs (e.g. the pre-training heads)."""
         return {}
-
-
-def effective_loop(loop: LoopConfig, device: torch.device, log: Callable[[str], None]):
-    """The loop config as it will run on `device`: bf16 only where it is native."""
-    return dataclasses.replace(loop, bf16=effective_bf16(loop.bf16, device.type, log))
 
 
 def seed_everything(seed: int) -> None:
@@ -214,18 +210,22 @@ def _saved_state(out: Path, key: str, recipe: Any) -> dict | None:
 
 
 def fit(
-    build: Callable[[], Task],
+    build: Callable[[Any], Task],
     recipe: Any,
     key: str,
     out: str | Path,
     on_step: StepCallback | None = None,
     log: Callable[[str], None] = print,
+    device: torch.device = CPU,
 ) -> dict:
-    """Seed, build the task, and train it for `recipe.loop.epochs`, resuming an interrupted run
-    of the same recipe in `out` (see the module docstring); the recipe is saved under `key` in
-    each checkpoint's config.json. Returns the best val metrics, on rank 0 ({} without
-    validation, and on other ranks)."""
-    out, loop = Path(out), recipe.loop
+    """Seed, build the task from the recipe, and train it for `recipe.loop.epochs` on `device`,
+    resuming an interrupted run of the same recipe in `out` (see the module docstring); the
+    recipe is saved under `key` in each checkpoint's config.json. Returns the best val metrics,
+    on rank 0 ({} without validation, and on other ranks)."""
+    out = Path(out)
+    # As it will run here: bf16 only where it is native, and the saved recipe says so.
+    loop = dataclasses.replace(recipe.loop, bf16=effective_bf16(recipe.loop.bf16, device.type, log))
+    recipe = dataclasses.replace(recipe, loop=loop)
     init_distributed()
     if loop.threads:
         torch.set_num_threads(loop.threads)
@@ -236,7 +236,7 @@ def fit(
         if state.get("log") and world()[0] == 0:  # killed after saving last/, before the log
             write_jsonl(out / "log.jsonl", state["log"])
         return _best(state["best"])
-    task = build()  # after seeding: its random initialisation is the recipe's
+    task = build(recipe)  # after seeding: its random initialisation is the recipe's
     optimizer = torch.optim.AdamW(task.param_groups())
     total_steps = task.steps_per_epoch() * loop.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -7,7 +7,6 @@ takes a slice of every epoch and CMR's negatives are gathered from all ranks.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from lightningdot.model.encoders import BiEncoder
 from lightningdot.model.heads import PretrainHeads
 from lightningdot.training.data import TrainData, load_split
 from lightningdot.training.distributed import gather_across_ranks, local_device, world
-from lightningdot.training.loop import StepCallback, Task, Validation, effective_loop, fit
+from lightningdot.training.loop import StepCallback, Task, Validation, fit
 from lightningdot.training.masking import drop_regions, mask_regions, mask_tokens
 from lightningdot.training.objectives import (
     IGNORE,
@@ -322,8 +321,7 @@ def train(
     """Train as the recipe says (`lightningdot.training.loop.fit`): `out/last` each epoch,
     `out/best` on a better val AR, resumed from `out/last` when it holds a run of the same
     recipe. Returns the best val metrics."""
-    cfg = dataclasses.replace(cfg, loop=effective_loop(cfg.loop, local_device(), log))
-    return fit(lambda: PretrainTask(cfg), cfg, "train", out, on_step, log)
+    return fit(PretrainTask, cfg, "train", out, on_step, log, local_device())
 
 
 def finetune(

@@ -38,7 +38,7 @@ from lightningdot.model.reranker import (
     vectors_of_states,
 )
 from lightningdot.training.data import TrainData, load_split
-from lightningdot.training.loop import StepCallback, Task, Validation, effective_loop, fit
+from lightningdot.training.loop import StepCallback, Task, Validation, fit
 from lightningdot.training.objectives import itm_loss
 
 
@@ -206,5 +206,4 @@ def train_reranker(
 ) -> dict:
     """Train a re-ranker for the recipe's bi-encoder (`lightningdot.training.loop.fit`);
     `out/best` holds the best val AR re-ranking the top `val_k`."""
-    cfg = dataclasses.replace(cfg, loop=effective_loop(cfg.loop, torch.device("cpu"), log))
-    return fit(lambda: RerankerTask(cfg, val_k, log), cfg, "train", out, on_step, log)
+    return fit(lambda c: RerankerTask(c, val_k, log), cfg, "train", out, on_step, log)
