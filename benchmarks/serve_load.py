@@ -41,8 +41,9 @@ from lightningdot.data import read_karpathy
 from lightningdot.encode import RegionSource, encode_collection
 from lightningdot.errors import LightningDotError
 from lightningdot.features import FeatureStore
+from lightningdot.index.build import image_items
+from lightningdot.index.folder import IndexFolder, Manifest
 from lightningdot.index.vector import VectorIndex, priors_of
-from lightningdot.io import write_json
 from lightningdot.model.checkpoint import index_identity, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +55,7 @@ def build_gallery(out: Path, data: Path, features: Path, size: int) -> None:
     model = load_model("default")
     prior = priors_of(model.bank)[0]  # as `ldot index` builds it for this model
     try:
-        cached = VectorIndex.load(out / "images", index_identity(model))
+        cached = IndexFolder.load(out, index_identity(model)).image_index
         if len(cached) == size and (cached.prior is None) == (prior is None):
             return
     except LightningDotError:
@@ -69,13 +70,14 @@ def build_gallery(out: Path, data: Path, features: Path, size: int) -> None:
         torch.randn(size - len(real), real.shape[1], generator=torch.Generator().manual_seed(0)),
         dim=-1,
     )
-    items = [{"id": r.key, "path": r.key, "captions": r.captions} for r in records]
+    items = image_items(records, "images")
     items += [{"id": f"random-{i}"} for i in range(len(noise))]
     identity = index_identity(model)
     gallery = torch.cat([real, noise]).numpy()
-    VectorIndex.build(gallery, items, identity, prior=prior).save(out / "images")
-    meta = {"model": "default", "model_id": identity, "images": str((data / "images").resolve())}
-    write_json(out / "retriever.json", {**meta, "features": str(features.resolve())})
+    roots = {"images": str((data / "images").resolve())}
+    manifest = Manifest("default", identity, roots=roots, features=str(features.resolve()))
+    images = VectorIndex.build(gallery, items, identity, prior=prior)
+    IndexFolder.create(out, manifest, {"images": images})
 
 
 def free_port() -> int:

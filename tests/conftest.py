@@ -71,7 +71,7 @@ def index_dir(corpus_dir: Path, tmp_path: Path) -> Path:
     re-ranker for that model saved beside it as `rr/`."""
     from lightningdot.config import RerankerConfig
     from lightningdot.data import read_karpathy
-    from lightningdot.index.folder import build_index
+    from lightningdot.index.build import build_index
     from lightningdot.model.checkpoint import save_model, save_reranker
     from lightningdot.model.encoders import BiEncoder
     from lightningdot.model.reranker import Reranker

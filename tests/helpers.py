@@ -83,9 +83,44 @@ def index_of_saved_model(model_dir: Path, corpus, corpus_dir: Path, out: Path, s
     """An index folder of `corpus` (images under `corpus_dir/images`) by the model saved in
     `model_dir`, reading regions from the store at `store_dir` when given."""
     from lightningdot.features import FeatureStore
-    from lightningdot.index.folder import build_index
+    from lightningdot.index.build import build_index
     from lightningdot.model.checkpoint import load_model
 
     store = FeatureStore(store_dir) if store_dir is not None else None
     images = corpus_dir / "images"
     return build_index(load_model(model_dir), str(model_dir), corpus, images, out, features=store)
+
+
+def as_older_layout(folder: Path, out: Path, uploads: dict[str, bytes] | None = None) -> Path:
+    """A copy of the index folder `folder` in the layout before versions (`images/` and
+    `captions/` beside an unversioned retriever.json, items without roots, uploads recorded by
+    absolute path), as earlier releases wrote it; `uploads`: files to add as such uploads."""
+    import json
+    import shutil
+
+    from lightningdot.index.folder import Manifest
+
+    manifest = Manifest.read(folder)
+    out.mkdir()
+    for part, where in manifest.parts.items():
+        shutil.copytree(folder / where, out / part)
+        items = json.loads((out / part / "items.json").read_text())
+        for it in items:
+            it.pop("root", None)
+        (out / part / "items.json").write_text(json.dumps(items))
+    if uploads:
+        from lightningdot.index.vector import VectorIndex
+
+        (out / "uploads").mkdir()
+        images = VectorIndex.load(out / "images")
+        vectors = images.index.reconstruct_n(0, len(images))[: len(uploads)]
+        items = []
+        for name, data in uploads.items():
+            (out / "uploads" / name).write_bytes(data)
+            items.append({"id": name, "path": str((out / "uploads" / name).resolve())})
+        images.add(vectors, items)
+        images.save(out / "images")
+    record = {"model": manifest.model, "model_id": manifest.model_id}
+    record["images"] = manifest.roots[manifest.primary_root]
+    (out / "retriever.json").write_text(json.dumps(record))
+    return out

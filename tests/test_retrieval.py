@@ -11,7 +11,8 @@ from lightningdot.cli import app
 from lightningdot.data import read_karpathy
 from lightningdot.errors import DataError
 from lightningdot.features import FeatureStore
-from lightningdot.index.folder import build_index
+from lightningdot.index.build import build_index
+from lightningdot.index.folder import Manifest
 from lightningdot.model.checkpoint import load_model
 from lightningdot.retrieval import Retriever
 from tests.helpers import index_of_saved_model
@@ -94,7 +95,7 @@ def test_cli_index_and_search(corpus_dir, store_dir, model_dir, tmp_path):
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["search", str(ix), ""])
     assert r.exit_code == 2 and "empty" in r.output
-    (ix / "images" / "index.faiss").write_bytes(b"garbage")
+    (ix / Manifest.read(ix).parts["images"] / "index.faiss").write_bytes(b"garbage")
     r = runner.invoke(app, ["search", str(ix), "a red picture"])
     assert r.exit_code == 2 and "damaged" in r.output and "Traceback" not in r.output
 

@@ -214,20 +214,20 @@ def index(
     add: Annotated[bool, opt("Add new images to an existing index.", "--add")] = False,
 ) -> None:
     """Encode a collection into a FAISS index (images, and captions when known)."""
-    from lightningdot.index.folder import add_images, index_images
+    from lightningdot.index.build import add_images, index_images
 
     with user_errors(), show.progress_bar() as bar:
         if add:
-            added, total = add_images(
-                out, images, annotations, split, model, features, show.Bar(bar)
-            )
-            show.console.print(f"added {added} new image(s); {total} in {out}")
+            report = add_images(out, images, annotations, split, model, features, show.Bar(bar))
         else:
-            built = index_images(
+            report = index_images(
                 out, images, annotations, split, model, factory, features, show.Bar(bar)
             )
-    if not add:
-        show.print_built(built, factory, out)
+    if add:
+        show.console.print(f"added {report.added} new image(s); {report.total} in {out}")
+    else:
+        show.print_built(report, factory, out)
+    show.print_skipped(report.failed)
 
 
 @app.command()

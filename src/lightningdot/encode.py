@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -126,3 +127,39 @@ def encode_collection(
 ) -> torch.Tensor:
     """(N, vector_dim) unit vectors of the images `keys`."""
     return encode_regions(model, source.batches(keys, progress=progress))
+
+
+@dataclass
+class Encoded:
+    """The vectors of the images of a collection that could be read."""
+
+    vectors: torch.Tensor  # (N', vector_dim), in the order asked for
+    kept: list[int]  # the position of each among the keys asked for
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (key, why) of the others
+
+
+@torch.inference_mode()
+def encode_readable(
+    model: BiEncoder, source: RegionSource, keys: Sequence[str], progress: Progress | None = None
+) -> Encoded:
+    """Like `encode_collection`, but an image file that does not decode is skipped and named
+    (as `ldot extract` does) instead of ending the run."""
+    if source.store is not None:
+        return Encoded(encode_collection(model, source, keys, progress), list(range(len(keys))))
+    progress = progress or Silent()
+    out = Encoded(torch.empty(0), [])
+    vectors = []
+    for start in range(0, len(keys), FILE_BATCH):
+        images = []
+        for n, key in enumerate(keys[start : start + FILE_BATCH], start):
+            try:
+                images.append(load_image(source.file(key)))
+                out.kept.append(n)
+            except DataError as e:
+                out.failed.append((key, str(e)))
+        if images:
+            vectors.append(model.encode_image(source.of_images(images)))
+        progress.advance(len(keys[start : start + FILE_BATCH]))
+    if vectors:
+        out.vectors = torch.cat(vectors)
+    return out

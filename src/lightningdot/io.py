@@ -40,8 +40,28 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+        fsync_dir(path.parent)  # the rename itself survives a power cut only once its folder is
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush a folder's entries (the names created, renamed or removed in it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(path: str | os.PathLike[str]) -> None:
+    """Flush every file and folder under `path` to disk: what a commit will point at must be
+    on disk before the commit is."""
+    for folder, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(folder)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

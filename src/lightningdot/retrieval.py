@@ -24,7 +24,8 @@ from lightningdot.data import Corpus
 from lightningdot.encode import ImageInput, RegionSource
 from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.features import FeatureStore, RegionBatch
-from lightningdot.index.folder import CaptionRows, IndexFolder, add_collection
+from lightningdot.index.build import AddReport, add_collection
+from lightningdot.index.folder import IndexFolder, Manifest
 from lightningdot.index.uploads import add_uploads
 from lightningdot.index.vector import VectorIndex
 from lightningdot.model.checkpoint import load_model, load_reranker
@@ -141,7 +142,8 @@ class Retriever:
 
     def __init__(self, model: BiEncoder, index: IndexFolder, reranker: Reranker | None = None):
         self.model, self.index, self.reranker = model, index, reranker
-        self.regions = RegionSource(model.cfg.backbone, index.features, index.images_root)
+        # No root: the index folder gives each image's file (`IndexFolder.file_of`).
+        self.regions = RegionSource(model.cfg.backbone, index.features)
 
     @classmethod
     def open(
@@ -154,10 +156,10 @@ class Retriever:
         """Load an index folder and its model (by default the one recorded in the folder), and
         optionally a re-ranker for that model: a shipped name, a folder, or "auto" (the
         shipped one if it fits the model)."""
-        info = IndexFolder.read_info(folder)
-        net = model if isinstance(model, BiEncoder) else load_model(model or info["model"])
-        index = IndexFolder.open(folder, net, mmap, info)
-        return cls(net, index, open_reranker(reranker, net))
+        if not isinstance(model, BiEncoder):
+            model = load_model(model or Manifest.read(Path(folder)).model)
+        index = IndexFolder.open(folder, model, mmap)
+        return cls(model, index, open_reranker(reranker, model))
 
     @property
     def folder(self) -> Path:
@@ -171,10 +173,9 @@ class Retriever:
     def caption_index(self) -> VectorIndex | None:
         return self.index.caption_index
 
-    def image_file(self, path: str) -> Path:
-        """The file of an indexed image, from its item's `path` (relative to the collection's
-        folder, or absolute for uploads)."""
-        return self.regions.file(path)
+    def image_file(self, item: dict) -> Path:
+        """The file of an indexed image, from its item."""
+        return self.index.file_of(item)
 
     def _results(self, index: VectorIndex, scores: np.ndarray, rows: np.ndarray) -> list[Result]:
         out = []
@@ -183,7 +184,10 @@ class Retriever:
                 continue
             it = index.items[i]
             caption = it.get("caption") or (it.get("captions") or [None])[0]
-            out.append(Result(it["id"], float(s), it.get("path") or it.get("image"), caption))
+            path = it.get("path") or it.get("image")
+            if path and os.path.isabs(path):  # an older folder's: its name, not where it lives
+                path = Path(path).name
+            out.append(Result(it["id"], float(s), path, caption))
         return out
 
     def _rerank(
@@ -198,7 +202,9 @@ class Retriever:
 
     def candidate_regions(self, results: list[Result]) -> RegionBatch:
         """Regions of indexed images, from the feature store when it has them, else from files."""
-        return self.regions.regions([r.id for r in results], [r.path or r.id for r in results])
+        index = self.image_index
+        files = [str(self.image_file(index.items[index.row(r.id)])) for r in results]
+        return self.regions.regions([r.id for r in results], files)
 
     @torch.inference_mode()
     def search_text(
@@ -304,20 +310,14 @@ class Retriever:
 
         return rescore
 
-    def append(
-        self, vectors: np.ndarray, items: list[dict], captions: CaptionRows | None = None
-    ) -> None:
-        """Add image rows (and caption rows) to the index folder (`IndexFolder.append`)."""
-        self.index.append(vectors, items, captions)
-
     def add_collection(
         self,
         corpus: Corpus,
         image_dir: Path,
         features: FeatureStore | None = None,
         progress: Progress | None = None,
-    ) -> int:
-        """Append the corpus's images not yet indexed, and their captions; returns how many."""
+    ) -> AddReport:
+        """Append the corpus's images not yet indexed, and their captions."""
         return add_collection(self.index, self.model, corpus, image_dir, features, progress)
 
     def add_uploads(self, uploads: list[tuple[str, bytes]], received: float | None = None) -> Added:

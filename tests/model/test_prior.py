@@ -12,7 +12,7 @@ from lightningdot.data import read_karpathy
 from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.evaluation.metrics import metrics_from_ranks, recall_metrics
 from lightningdot.features import FeatureStore, load_image
-from lightningdot.index.folder import build_index
+from lightningdot.index.build import build_index
 from lightningdot.index.vector import IndexPrior, VectorIndex
 from lightningdot.model.checkpoint import load_model, save_model
 from lightningdot.model.encoders import BiEncoder

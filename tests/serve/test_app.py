@@ -239,7 +239,7 @@ def test_a_failed_save_changes_nothing_in_memory(retriever, monkeypatch):
     def fail(self, folder):
         raise OSError("disk full")
 
-    monkeypatch.setattr(VectorIndex, "save", fail)
+    monkeypatch.setattr(VectorIndex, "write", fail)
     with pytest.raises(OSError):
         retriever.add_uploads([("a.png", png("red"))])
     assert len(retriever.image_index) == before
@@ -251,14 +251,14 @@ def test_a_failed_save_changes_nothing_in_memory(retriever, monkeypatch):
 def test_searches_go_on_while_an_add_runs(retriever, index_dir, monkeypatch):
     """An add holds the index lock while it saves; searches must not wait for it."""
     saving, release = threading.Event(), threading.Event()
-    real_save = VectorIndex.save
+    real_write = VectorIndex.write
 
-    def slow_save(self, folder):
+    def slow_write(self, folder):
         saving.set()
         release.wait(10)
-        real_save(self, folder)
+        real_write(self, folder)
 
-    monkeypatch.setattr(VectorIndex, "save", slow_save)
+    monkeypatch.setattr(VectorIndex, "write", slow_write)
     with TestClient(create_app(retriever)) as c, ThreadPoolExecutor(1) as pool:
         add = pool.submit(c.post, "/images", files={"files": ("n.png", png("navy"), "image/png")})
         assert saving.wait(10)

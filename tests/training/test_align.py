@@ -11,7 +11,7 @@ import lightningdot.precision
 from lightningdot.config import AlignConfig, BertSize, LoopConfig, TextConfig
 from lightningdot.data import read_karpathy
 from lightningdot.features import FeatureStore
-from lightningdot.index.folder import build_index
+from lightningdot.index.build import build_index
 from lightningdot.model.checkpoint import index_identity, load_model, model_identity, save_model
 from lightningdot.model.encoders import BiEncoder
 from lightningdot.precision import mixed_precision

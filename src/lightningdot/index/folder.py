@@ -1,273 +1,431 @@
-"""An index folder: a collection's image index, its caption index, and what made them.
+"""An index folder: a collection's image index, its caption index, and what made them, changed
+one atomic commit at a time.
 
-    retriever.json  {"model": name or folder, "model_id", "images": the collection's folder,
-                     "features"?: its feature store, where re-ranking reads regions}
-    images/         `VectorIndex` of the images; items {"id", "path", "captions"}
-    captions/       `VectorIndex` of their captions, when there are any; items
-                    {"id": "<image id>#<n>", "image", "caption"}
-    uploads/        images added through `ldot serve` (`lightningdot.index.uploads`)
-    .add.lock       adds from several processes take turns on it
+    retriever.json  the record, the one file a change replaces: {"format": 2, "model",
+                    "model_id", "version": N, "parts": {"images": "v3/images", "captions":
+                    "v2/captions"}, "roots": {name: folder}, "features"?: where re-ranking
+                    reads regions}
+    vN/images/      `VectorIndex` of the images; items {"id", "root", "path", "captions"?}
+    vN/captions/    `VectorIndex` of their captions; items {"id": "<image id>#<n>", "image",
+                    "caption"}
+    uploads/        images added through `ldot serve`, named by a hash of their bytes
+    .lock           writers take turns on it
 
-`build_index` writes a folder; `IndexFolder` opens one and grows it without a rebuild.
+A change writes the parts it changes into a new version folder, flushes them to disk, and then
+replaces `retriever.json` (the way SQLite's WAL or Delta Lake commit): before that rename the
+folder is as it was, after it as the change made it. Parts are never written again once
+committed, so a reader keeps a consistent view while a writer works. What a killed writer left
+(a version folder the record does not name, an upload no item names, a temporary file) is
+swept by the next writer, and by any opener that finds the lock free.
+
+An item's `path` is relative to its root: the folder it was indexed from (recorded absolute), or
+`uploads` (relative to the index folder, so a moved index folder keeps its uploads). Folders of
+the layout before versions (`images/` and `captions/` beside a record without a format) open as
+version 0; their first change moves them to this one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import shutil
 import threading
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
-from lightningdot.config import IndexConfig
-from lightningdot.data import Corpus, read_collection
-from lightningdot.encode import RegionSource, encode_collection, encode_texts
 from lightningdot.errors import DataError
 from lightningdot.features import FeatureStore
-from lightningdot.index.vector import IndexPrior, VectorIndex, priors_of, recall_against_exact
-from lightningdot.io import read_json, write_json
-from lightningdot.model.checkpoint import index_identity, load_model
+from lightningdot.index.vector import IndexPrior, VectorIndex, priors_of
+from lightningdot.io import atomic_path, fsync_dir, read_json, recover_dir, sync_tree, write_json
+from lightningdot.model.checkpoint import index_identity
 from lightningdot.model.encoders import BiEncoder
-from lightningdot.progress import Progress, Silent
+
+RECORD = "retriever.json"
+FORMAT = 2
+LOCK = ".lock"
+UPLOADS = "uploads"  # the root of uploaded images, and its folder in the index folder
+VERSION = re.compile(r"v\d+")
+# Names the layout before versions used, and that its writers left after a crash.
+LEGACY = {f"{part}{end}" for part in ("images", "captions") for end in ("", ".old", ".tmp")}
 
 # Caption rows to add beside image rows: (vectors (C, D), their items).
 CaptionRows = tuple[np.ndarray, list[dict]]
 
 
-def image_items(corpus: Corpus) -> list[dict]:
-    return [{"id": im.key, "path": im.key, "captions": im.captions} for im in corpus.images]
-
-
-def caption_items(corpus: Corpus) -> list[dict]:
-    return [
-        {"id": f"{im.key}#{j}", "image": im.key, "caption": c}
-        for im in corpus.images
-        for j, c in enumerate(im.captions)
-    ]
+def root_name(folder: Path) -> str:
+    """The name a root of images from `folder` goes by: the folder's own, unless reserved."""
+    return folder.name if folder.name not in ("", UPLOADS) else "images"
 
 
 @dataclass
-class BuildReport:
-    indexes: dict[str, VectorIndex]
-    recall_at_10: float | None = None  # of an approximate image index against exact search
-    recall_queries: int = 0
+class Manifest:
+    """An index folder's record (`retriever.json`): what a commit replaces."""
+
+    model: str  # name or folder of the model that made it
+    model_id: str
+    version: int = 0
+    parts: dict[str, str] = field(default_factory=dict)  # "images"/"captions" -> their folder
+    roots: dict[str, str] = field(default_factory=dict)  # the first is the collection's own
+    features: str | None = None
+    upgraded: bool = False  # from the layout before versions, whose folders may be left over
+    legacy: bool = field(default=False, metadata={"saved": False})  # read from that layout
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        """The record of the index folder `folder`.
+
+        Raises:
+            DataError: `folder` is not an index folder, or its record is damaged.
+        """
+        missing = f"not an index folder (no {RECORD}): {folder}"
+        data = read_json(folder / RECORD, "index folder record", missing)
+        if not isinstance(data, dict) or not {"model", "model_id"} <= data.keys():
+            raise DataError(f"damaged index folder record {folder / RECORD}")
+        if "format" not in data:
+            return cls._of_legacy(folder, data)
+        if data["format"] != FORMAT:
+            raise DataError(f"{folder}: unknown index folder format {data['format']!r}")
+        known = {f.name for f in fields(cls)} - {"legacy"}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def _of_legacy(cls, folder: Path, data: dict) -> Manifest:
+        parts = {p: p for p in ("images", "captions") if (folder / p).is_dir()}
+        parts.setdefault("images", "images")  # where the part is missing, loading says so
+        roots = {"images": data["images"]} if data.get("images") else {}
+        features = data.get("features")
+        return cls(data["model"], data["model_id"], 0, parts, roots, features, legacy=True)
+
+    def write(self, folder: Path) -> None:
+        """Replace the folder's record: the commit point of every change."""
+        record = {k: v for k, v in asdict(self).items() if k != "legacy" and v not in (None, False)}
+        write_json(folder / RECORD, {"format": FORMAT, **record})
+
+    @property
+    def primary_root(self) -> str | None:
+        """The root of the collection the folder was built from."""
+        return next((name for name in self.roots if name != UPLOADS), None)
 
 
-def build_index(
-    model: BiEncoder,
-    model_name: str,
-    corpus: Corpus,
-    image_dir: Path,
-    out: Path,
-    cfg: IndexConfig | None = None,
-    features: FeatureStore | None = None,
-    progress: Progress | None = None,
-    recall_sample: int = 1000,
-) -> BuildReport:
-    """Encode a collection (reusing stored features when given) into `out`, atomically per index.
+@dataclass
+class Rows:
+    """Rows to add to an index folder in one commit."""
 
-    With an approximate factory, also measures recall@10 of the image index against exact search
-    on up to `recall_sample` queries (the captions when known, else the images themselves).
-    A model with a query bank gives both indexes its priors.
-    """
-    cfg = cfg or IndexConfig()
-    progress = progress or Silent()
-    progress.start(len(corpus.images), "encoding images")
-    identity = index_identity(model)
-    image_prior, caption_prior = priors_of(model.bank)
-    source = RegionSource(model.cfg.backbone, features, image_dir)
-    vectors = encode_collection(model, source, corpus.keys(), progress).numpy()
-    items = image_items(corpus)
-    report = BuildReport({"images": VectorIndex.build(vectors, items, identity, cfg, image_prior)})
-    queries = vectors
-    if corpus.captions:
-        text = encode_texts(model, corpus.captions).numpy()
-        report.indexes["captions"] = VectorIndex.build(
-            text, caption_items(corpus), identity, cfg, caption_prior
-        )
-        queries = text
-    if cfg.factory != "Flat":
-        exact = VectorIndex.build(vectors, items, identity, prior=image_prior)
-        sample = queries[np.random.default_rng(0).permutation(len(queries))[:recall_sample]]
-        report.recall_at_10 = recall_against_exact(report.indexes["images"], exact, sample, 10)
-        report.recall_queries = len(sample)
-    for name, index in report.indexes.items():
-        index.save(out / name)
-    info = {"model": model_name, "model_id": identity, "images": str(Path(image_dir).resolve())}
-    if features is not None:
-        info["features"] = str(Path(features.root).resolve())
-    write_json(out / "retriever.json", info)
-    return report
+    vectors: np.ndarray  # (N, D) of the images
+    items: list[dict]  # {"id", "root", "path", ...} each
+    captions: CaptionRows | None = None
+    root: tuple[str, str] | None = None  # (name, folder) of the items' root, recorded with them
+    uploads: dict[str, bytes] = field(default_factory=dict)  # files to store under uploads/
 
 
 class IndexFolder:
-    """An index folder opened for search and for adds (see the module docstring)."""
+    """An index folder opened for search and for changes (see the module docstring)."""
 
     def __init__(
         self,
         folder: Path,
-        info: dict[str, Any],
+        manifest: Manifest,
         image_index: VectorIndex,
         caption_index: VectorIndex | None,
         caption_prior: IndexPrior | None = None,
     ) -> None:
-        self.folder, self.info = folder, info
+        self.folder, self.manifest = folder, manifest
         self.image_index, self.caption_index = image_index, caption_index
         self.caption_prior = caption_prior  # of a caption index the first captioned add makes
-        # Adds in this process take turns on it (re-entrant: a caller may hold it around a
-        # check and an add); adds from other processes on the lock file as well.
-        self.add_lock = threading.RLock()
-
-    @staticmethod
-    def read_info(folder: str | Path) -> dict[str, Any]:
-        """`retriever.json`: which model made the folder, and the collection's folders."""
-        missing = f"not an index folder (no retriever.json): {folder}"
-        return read_json(Path(folder) / "retriever.json", "index folder record", missing)
+        # Changes in this process take turns on the first (re-entrant: a caller may hold it
+        # around a check and a change), and with other processes on the lock file as well.
+        self._thread_lock = threading.RLock()
+        self._file_lock = FileLock(folder / LOCK)
 
     @classmethod
-    def open(
-        cls, folder: str | Path, model: BiEncoder, mmap: bool = True, info: dict | None = None
-    ) -> IndexFolder:
+    def open(cls, folder: str | Path, model: BiEncoder, mmap: bool = True) -> IndexFolder:
         """Load the folder's indexes, refusing them unless `model` (or one sharing its
-        indexes) made them; `info`: its `read_info`, when the caller has read it already."""
-        folder = Path(folder)
-        info = info if info is not None else cls.read_info(folder)
-        identity = index_identity(model)
-        image_index = VectorIndex.load(folder / "images", identity, mmap)
-        caption_index = None
-        if (folder / "captions").is_dir():
-            caption_index = VectorIndex.load(folder / "captions", identity, mmap)
-        return cls(folder, info, image_index, caption_index, priors_of(model.bank)[1])
+        indexes) made them."""
+        return cls.load(folder, index_identity(model), priors_of(model.bank)[1], mmap)
 
-    @property
-    def images_root(self) -> Path | None:
-        """The folder the collection's image paths are relative to."""
-        return Path(self.info["images"]) if self.info.get("images") else None
+    @classmethod
+    def load(
+        cls,
+        folder: str | Path,
+        model_id: str | None = None,
+        caption_prior: IndexPrior | None = None,
+        mmap: bool = True,
+    ) -> IndexFolder:
+        """Load the folder's current version (refused unless made by `model_id`, when given),
+        first tidying what a crashed writer left, if no writer is at work now."""
+        folder = Path(folder)
+        Manifest.read(folder)  # a clear error for a folder that is not an index folder
+        lock = FileLock(folder / LOCK)
+        try:
+            lock.acquire(timeout=0)
+        except (Timeout, OSError):  # a writer at work (it tidies), or a read-only folder
+            return cls._load_current(folder, model_id, caption_prior, mmap)
+        try:
+            _recover_legacy(folder, Manifest.read(folder))
+            index = cls._load_current(folder, model_id, caption_prior, mmap)
+            _sweep(folder, index.manifest, index.image_index)
+            return index
+        finally:
+            lock.release()
+
+    @classmethod
+    def _load_current(cls, folder, model_id, caption_prior, mmap, tries: int = 3) -> IndexFolder:
+        manifest = Manifest.read(folder)
+        try:
+            images, captions = _load_parts(folder, manifest, model_id, mmap)
+        except DataError:
+            # A writer may have committed, and swept the parts just read, meanwhile.
+            if tries == 1 or Manifest.read(folder).version == manifest.version:
+                raise
+            return cls._load_current(folder, model_id, caption_prior, mmap, tries - 1)
+        return cls(folder, manifest, images, captions, caption_prior)
 
     @property
     def features(self) -> FeatureStore | None:
         """The feature store the folder was built from, while it is still there."""
-        path = self.info.get("features")
+        path = self.manifest.features
         return FeatureStore(path) if path and Path(path).is_dir() else None
 
-    def append(
-        self, vectors: np.ndarray, items: list[dict], captions: CaptionRows | None = None
-    ) -> None:
-        """Add image rows (and caption rows), saved to the folder before they go live.
+    def root_folder(self, name: str | None) -> Path:
+        """The folder of a root (by default the collection's own)."""
+        if name == UPLOADS:  # where it is, whichever layout recorded it
+            return self.folder / UPLOADS
+        path = self.manifest.roots.get(name or self.manifest.primary_root or "", ".")
+        return self.folder / path if not Path(path).is_absolute() else Path(path)
 
-        The live indexes are copied, grown, saved and then swapped in, so a search running
-        meanwhile sees the old index or the new one, never a half-added state, and a failed save
-        changes nothing in memory. Concurrent adds wait for each other, in other processes too
-        (`ldot index --add` beside a running server): they take turns on a lock file in the
-        folder, and an add starts from what is on disk, so when another process saved since,
-        its rows are loaded first and kept. The copy makes an add cost O(index size): cheap at
-        10K-100K images, a rebuild's worth at 1M.
+    def file_of(self, item: dict) -> Path:
+        """The file of an indexed image (an absolute `path`, as older folders hold, as it is)."""
+        return self.root_folder(item.get("root")) / item.get("path", item["id"])
+
+    def root_for(self, image_dir: Path) -> str:
+        """The root of images from `image_dir`: the one recorded for it, else a new name (the
+        folder's, made unique)."""
+        where = image_dir.resolve()
+        for name in self.manifest.roots:
+            if name != UPLOADS and self.root_folder(name).resolve() == where:
+                return name
+        base, n = root_name(where), 1
+        name = base
+        while name in self.manifest.roots or name == UPLOADS:
+            n += 1
+            name = f"{base}-{n}"
+        return name
+
+    def indexed(self, item: dict) -> bool:
+        """Whether this image is indexed already under the item's id.
+
+        Raises:
+            DataError: the id is taken by another image.
         """
-        with self.add_lock, FileLock(self.folder / ".add.lock"):
-            self._catch_up()
-            taken = [it["id"] for it in items if self.image_index.row(it["id"]) is not None]
-            if taken or len({it["id"] for it in items}) != len(items):
-                raise DataError(f"image id(s) already in the index or repeated: {taken[:3]}")
-            grown = self.image_index.copy()
-            grown.add(vectors, items)
-            grown_captions = self.caption_index
-            if captions is not None:
-                grown_captions = self._grown_captions(*captions, grown)
-                # Each folder is replaced atomically, but not the two together: saving captions
-                # first means a crash in between never leaves an indexed image uncaptioned.
-                grown_captions.save(self.folder / "captions")
-            grown.save(self.folder / "images")
-            self.image_index, self.caption_index = grown, grown_captions
+        row = self.image_index.row(item["id"])
+        if row is None:
+            return False
+        held = self.image_index.items[row]
+        if self.file_of(held).resolve() != self.file_of(item).resolve():
+            raise DataError(
+                f"image id {item['id']!r} already names {held.get('path')!r} in this index"
+            )
+        return True
 
-    def _grown_captions(self, text: np.ndarray, items: list[dict], image_index: VectorIndex):
-        """The caption index with these rows added (made, the first time, like `image_index`)."""
-        if self.caption_index is None:
-            made_like = image_index.model_id, image_index.cfg
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the folder for a change: other threads and processes wait their turn, and the
+        indexes are brought up to what others committed before this one starts."""
+        with self._thread_lock, self._file_lock:
+            self._catch_up()
+            yield
+
+    def append(self, rows: Rows) -> list[bool]:
+        """Add image rows (and caption rows) in one commit, then put them live; returns for
+        each item whether it was added (False: the same image was indexed already).
+
+        The live indexes are copied, grown, committed and then swapped in, so a search running
+        meanwhile sees the old index or the new one, and a failed commit changes nothing in
+        memory. The copy makes an add cost O(index size): cheap at 10K-100K images, a
+        rebuild's worth at 1M.
+
+        Raises:
+            DataError: an id repeats among the items, or names another image in the index.
+        """
+        ids = [it["id"] for it in rows.items]
+        if len(set(ids)) != len(ids):
+            raise DataError(f"image ids repeated among those added: {ids[:3]}")
+        with self.writing():
+            new = [not self.indexed(it) for it in rows.items]
+            if not any(new):
+                return new
+            images = self.image_index.copy()
+            images.add(
+                rows.vectors[np.array(new)],
+                [it for it, n in zip(rows.items, new, strict=True) if n],
+            )
+            indexes = {"images": images}
+            if rows.captions is not None and (grown := self._grown_captions(*rows.captions)):
+                indexes["captions"] = grown
+            roots = dict(self.manifest.roots)
+            if rows.root is not None:
+                roots.setdefault(*rows.root)
+            uploads = {k: v for k, v in rows.uploads.items() if images.row(k) is not None}
+            grown = replace(self.manifest, roots=roots)
+            try:
+                self.manifest = _commit(self.folder, self.manifest, grown, indexes, uploads)
+            except BaseException:
+                _sweep(self.folder, self.manifest, self.image_index)  # what it wrote, now
+                raise
+            self.image_index = images
+            self.caption_index = indexes.get("captions", self.caption_index)
+        return new
+
+    def _grown_captions(self, text: np.ndarray, items: list[dict]) -> VectorIndex | None:
+        """The caption index with the rows not in it yet (made, the first time, like the image
+        index); None when all are there. Captions whose image is already indexed are in it,
+        unless a folder of the older layout lost them to a crash; then they come back."""
+        index = self.caption_index
+        keep = [index is None or index.row(it["id"]) is None for it in items]
+        if not any(keep):
+            return None
+        text, items = text[np.array(keep)], [it for it, k in zip(items, keep, strict=True) if k]
+        if index is None:
+            made_like = self.image_index.model_id, self.image_index.cfg
             return VectorIndex.build(text, items, *made_like, self.caption_prior)
-        grown = self.caption_index.copy()
+        grown = index.copy()
         grown.add(text, items)
         return grown
 
     def _catch_up(self) -> None:
-        """Load the folder's indexes again if another process saved them since we did."""
-        folder_images, folder_captions = self.folder / "images", self.folder / "captions"
-        on_disk = VectorIndex.revision_in(folder_images), VectorIndex.revision_in(folder_captions)
-        ours = (
-            self.image_index.revision,
-            None if self.caption_index is None else self.caption_index.revision,
-        )
-        if on_disk == ours:
+        """Load the folder's indexes again if another process committed since we did."""
+        on_disk = Manifest.read(self.folder)
+        if (on_disk.version, on_disk.parts) == (self.manifest.version, self.manifest.parts):
             return
-        identity = self.image_index.model_id
-        images = VectorIndex.load(folder_images, identity)
-        captions = VectorIndex.load(folder_captions, identity) if on_disk[1] else self.caption_index
-        self.image_index, self.caption_index = images, captions  # both or, if a load fails, neither
+        model_id = self.image_index.model_id
+        images, captions = _load_parts(self.folder, on_disk, model_id, mmap=False)
+        self.manifest, self.image_index, self.caption_index = on_disk, images, captions
+
+    @classmethod
+    def create(cls, folder: Path, manifest: Manifest, indexes: dict[str, VectorIndex]) -> None:
+        """Write a new index folder, or replace every part of the index folder at `folder`, in
+        one commit.
+
+        Raises:
+            DataError: `folder` holds files but no index, or holds uploaded images a rebuild
+                would drop.
+        """
+        folder.mkdir(parents=True, exist_ok=True)
+        with FileLock(folder / LOCK):
+            current = _replaceable(folder)
+            if current is not None:
+                manifest = replace(manifest, version=current.version, upgraded=_old(current))
+            _commit(folder, current or manifest, manifest, indexes, {})
 
 
-def add_collection(
-    index: IndexFolder,
-    model: BiEncoder,
-    corpus: Corpus,
-    image_dir: Path,
-    features: FeatureStore | None = None,
-    progress: Progress | None = None,
-) -> int:
-    """Append the corpus's images not yet indexed (and their captions), without a rebuild;
-    returns how many were added."""
-    fresh = Corpus([im for im in corpus.images if index.image_index.row(im.key) is None])
-    if not fresh.images:
-        return 0
-    progress = progress or Silent()
-    progress.start(len(fresh.images), "encoding images")
-    source = RegionSource(model.cfg.backbone, features, image_dir)
-    vectors = encode_collection(model, source, fresh.keys(), progress).numpy()
+def _old(manifest: Manifest) -> bool:
+    return manifest.legacy or manifest.upgraded
+
+
+def _replaceable(folder: Path) -> Manifest | None:
+    """The record of the index folder a build will replace; None for a new folder (emptied of
+    what an interrupted build left)."""
+    if not (folder / RECORD).exists():
+        if any(p.name != LOCK and not _is_leftover(p.name) for p in folder.iterdir()):
+            raise DataError(f"{folder} is not empty and not an index folder: choose another")
+        _sweep(folder, Manifest("", ""))
+        return None
+    current = Manifest.read(folder)
+    _recover_legacy(folder, current)
+    items = read_json(folder / current.parts["images"] / "items.json", "index items")
+    uploaded = sum(it.get("root") == UPLOADS or _legacy_upload(it) is not None for it in items)
+    if uploaded:
+        raise DataError(
+            f"{folder} holds {uploaded} uploaded image(s) a rebuild would drop: add to it with "
+            "--add, or build into a new folder"
+        )
+    return current
+
+
+def _is_leftover(name: str) -> bool:
+    """A name only a writer of index folders makes: a version folder, a temporary record."""
+    return bool(VERSION.fullmatch(name)) or (
+        name.startswith(f".{RECORD}.") and name.endswith(".tmp")
+    )
+
+
+def _load_parts(
+    folder: Path, manifest: Manifest, model_id: str | None, mmap: bool
+) -> tuple[VectorIndex, VectorIndex | None]:
+    images = VectorIndex.load(folder / manifest.parts["images"], model_id, mmap)
+    if manifest.legacy:
+        for it in images.items:
+            if (name := _legacy_upload(it)) is not None:
+                it.update(root=UPLOADS, path=name)
     captions = None
-    if fresh.captions:
-        captions = (encode_texts(model, fresh.captions).numpy(), caption_items(fresh))
-    items = image_items(fresh)
-    if index.images_root is None or Path(image_dir).resolve() != index.images_root.resolve():
-        # Paths are relative to the collection's folder; images from another one keep theirs.
-        for it in items:
-            it["path"] = str((Path(image_dir) / it["path"]).resolve())
-    index.append(vectors, items, captions)
-    return len(fresh.images)
+    if "captions" in manifest.parts:
+        captions = VectorIndex.load(folder / manifest.parts["captions"], model_id, mmap)
+    return images, captions
 
 
-def index_images(
-    out: Path,
-    image_dir: Path,
-    annotations: Path | None = None,
-    split: str | None = None,
-    model: str | None = None,
-    factory: str = "Flat",
-    features: Path | None = None,
-    progress: Progress | None = None,
-) -> BuildReport:
-    """`ldot index`: the images an annotation file names (with their captions), or every image
-    under `image_dir`, into a new index folder `out`, by `model` (default: "default")."""
-    corpus = read_collection(image_dir, annotations, split)
-    net = load_model(model or "default")
-    store = FeatureStore(features) if features is not None else None
-    cfg = IndexConfig(factory=factory)
-    return build_index(net, model or "default", corpus, image_dir, out, cfg, store, progress)
+def _commit(
+    folder: Path,
+    current: Manifest,
+    new: Manifest,
+    indexes: dict[str, VectorIndex],
+    uploads: dict[str, bytes],
+) -> Manifest:
+    """Write `indexes` (and upload files) as the version after `current`'s, then the record
+    `new` naming them; returns that record. The caller holds the folder's lock."""
+    _sweep(folder, current)  # what a crashed writer left, before its version number is reused
+    version = current.version + 1
+    staged = folder / f"v{version}"
+    for name, data in uploads.items():
+        if not (folder / UPLOADS / name).is_file():  # named by its hash: the same bytes
+            with atomic_path(folder / UPLOADS / name) as tmp:
+                tmp.write_bytes(data)
+    for name, index in indexes.items():
+        (staged / name).mkdir(parents=True)
+        index.write(staged / name)
+    sync_tree(staged)
+    fsync_dir(folder)
+    parts = {**new.parts, **{name: f"v{version}/{name}" for name in indexes}}
+    committed = replace(new, version=version, parts=parts, upgraded=_old(new))
+    committed.write(folder)
+    _sweep(folder, committed, indexes.get("images"))
+    return committed
 
 
-def add_images(
-    out: Path,
-    image_dir: Path,
-    annotations: Path | None = None,
-    split: str | None = None,
-    model: str | None = None,
-    features: Path | None = None,
-    progress: Progress | None = None,
-) -> tuple[int, int]:
-    """`ldot index --add`: the collection's images not yet in the index folder `out` (by
-    default with the model that built it); returns (images added, images now indexed)."""
-    corpus = read_collection(image_dir, annotations, split)
-    net = load_model(model or IndexFolder.read_info(out)["model"])
-    index = IndexFolder.open(out, net, mmap=False)
-    store = FeatureStore(features) if features is not None else None
-    added = add_collection(index, net, corpus, image_dir, store, progress)
-    return added, len(index.image_index)
+def _recover_legacy(folder: Path, manifest: Manifest) -> None:
+    """Put back a part a writer of the layout before versions left only as `<part>.old`."""
+    if manifest.legacy:
+        for part in ("images", "captions"):
+            recover_dir(folder / part)
+
+
+def _legacy_upload(item: dict) -> str | None:
+    """The file name of an upload as the older layout recorded it (an absolute path into the
+    index folder's uploads/), else None."""
+    path = item.get("path") or ""
+    if "root" in item or not os.path.isabs(path) or Path(path).parent.name != UPLOADS:
+        return None
+    return Path(path).name if item["id"].startswith("upload-") else None
+
+
+def _sweep(folder: Path, manifest: Manifest, images: VectorIndex | None = None) -> None:
+    """Remove what the record `manifest` does not name: version folders, the older layout's
+    folders, temporary files, and (given its image index, loaded) uploads no item holds. The
+    caller holds the folder's lock."""
+    named = {Path(p).parts[0] for p in manifest.parts.values()}
+    for entry in folder.iterdir():
+        ours = _is_leftover(entry.name) or (_old(manifest) and entry.name in LEGACY)
+        if ours and entry.name not in named:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    uploads = folder / UPLOADS
+    if images is not None and uploads.is_dir():
+        held = {it["path"] for it in images.items if it.get("root") == UPLOADS}
+        for f in uploads.iterdir():
+            if f.name not in held:
+                f.unlink()
+        if not held:
+            uploads.rmdir()  # made by an upload that never committed

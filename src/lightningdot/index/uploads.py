@@ -1,9 +1,10 @@
 """Images uploaded to a running server (`POST /images`): decoded, stored under the index folder
-and indexed, all or none.
+and indexed, all or none, in one commit.
 
-Each image is stored under `<index>/uploads/`, named by a hash of its bytes plus the extension
-of the format it decodes as (never the client's, so an upload cannot become an .html page),
-which is also its id.
+Each image is stored as `<index>/uploads/<id>`, its id a hash of its bytes plus the extension
+of the format it decodes as (never the client's, so an upload cannot become an .html page).
+The files are written under the folder's lock just before the commit that indexes them; a
+crash in between leaves files no item names, which the next writer or opener sweeps.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from PIL import Image
 
 from lightningdot.errors import DataError
 from lightningdot.features import load_image
-from lightningdot.index.folder import IndexFolder
-from lightningdot.io import atomic_path
+from lightningdot.index.folder import UPLOADS, IndexFolder, Rows
 
 # File extensions of the formats an upload is stored under, by Pillow's name for the format.
 UPLOAD_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp"}
@@ -54,29 +54,22 @@ def add_uploads(
     encode: Callable[[list[Image.Image]], np.ndarray],
 ) -> list[tuple[str, bool]]:
     """Store and index uploaded image files, all or none: `(filename, bytes)` -> `(id, added)`
-    each. An image already indexed is not added twice (`added` False). Nothing is written
-    before every upload has decoded, and the stored files go again if indexing fails."""
+    each. An image already indexed (or repeated in the request) is not added twice (`added`
+    False). Nothing is written before every upload has decoded."""
     decoded, ids = decode_uploads(uploads)
-    folder = index.folder / "uploads"
-    with index.add_lock:  # re-entered by `append`; makes the check and the add one step
-        fresh = {}  # id -> position of its first upload, in upload order
-        for n, key in enumerate(ids):
-            if index.image_index.row(key) is None and key not in fresh:
-                fresh[key] = n
-        written = []
-        try:
-            for key, n in fresh.items():
-                with atomic_path(folder / key) as tmp:
-                    tmp.write_bytes(uploads[n][1])
-                written.append(folder / key)
+    first: dict[str, int] = {}  # id -> position of its first upload, in upload order
+    for n, key in enumerate(ids):
+        first.setdefault(key, n)
+    added: set[str] = set()
+    with index.writing():  # what is new is decided on what is committed
+        fresh = {key: n for key, n in first.items() if index.image_index.row(key) is None}
+        if fresh:
             items = [
-                {"id": key, "path": str((folder / key).resolve()), "filename": uploads[n][0]}
+                {"id": key, "root": UPLOADS, "path": key, "filename": uploads[n][0]}
                 for key, n in fresh.items()
             ]
-            if items:
-                index.append(encode([decoded[n] for n in fresh.values()]), items)
-        except BaseException:
-            for f in written:
-                f.unlink(missing_ok=True)
-            raise
-    return [(key, key in fresh and fresh[key] == n) for n, key in enumerate(ids)]
+            vectors = encode([decoded[n] for n in fresh.values()])
+            files = {key: uploads[n][1] for key, n in fresh.items()}
+            new = index.append(Rows(vectors, items, root=(UPLOADS, UPLOADS), uploads=files))
+            added = {key for key, is_new in zip(fresh, new, strict=True) if is_new}
+    return [(key, key in added and first[key] == n) for n, key in enumerate(ids)]

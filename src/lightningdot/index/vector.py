@@ -1,11 +1,10 @@
 """A FAISS index that travels with its ids, its items' metadata and the model that made it.
 
-Layout of an index folder (written whole, atomically):
+Layout of a vector index's folder (written whole, then never changed):
 
     index.faiss   the FAISS index (inner product); row i is items[i]
     items.json    one entry per vector: {"id", "path"?, "captions"?, ...}
-    index.json    {"format", "model_id", "dim", "count", "config": IndexConfig, "prior"?,
-                   "revision": a fresh token per save, so a writer can tell the folder changed}
+    index.json    {"format", "model_id", "dim", "count", "config": IndexConfig, "prior"?}
     bank.npy      with a query-bank prior (`lightningdot.model.prior`): the bank, (N, dim) float32
 
 Loading checks that the file, the items and the model agree, and refuses otherwise.
@@ -14,7 +13,6 @@ Loading checks that the file, the items and the model agree, and refuses otherwi
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -77,12 +75,11 @@ class VectorIndex:
         model_id: str,
         cfg: IndexConfig,
         prior: IndexPrior | None = None,
-        revision: str | None = None,  # of the folder it was loaded from or saved to
     ):
         if index.ntotal != len(items):
             raise DataError(f"index holds {index.ntotal} vectors but {len(items)} items")
         self.index, self.items, self.model_id, self.cfg = index, items, model_id, cfg
-        self.prior, self.revision = prior, revision
+        self.prior = prior
         self._rows: dict[str, int] | None = None  # id -> row, built on first lookup
         self._apply_search_params()
 
@@ -139,7 +136,6 @@ class VectorIndex:
             self.model_id,
             self.cfg,
             self.prior,
-            self.revision,
         )
 
     def row(self, item_id: str) -> int | None:
@@ -172,31 +168,25 @@ class VectorIndex:
             hnsw.efSearch = self.cfg.ef_search
 
     def save(self, folder: str | Path) -> None:
-        revision = uuid.uuid4().hex
+        """Write the index to `folder`, replacing what is there in one step."""
         with atomic_dir(folder) as tmp:
-            faiss.write_index(self.index, str(tmp / "index.faiss"))
-            (tmp / "items.json").write_text(json.dumps(self.items, ensure_ascii=False))
-            manifest = {
-                "format": FORMAT,
-                "model_id": self.model_id,
-                "dim": self.dim,
-                "count": len(self),
-                "config": asdict(self.cfg),
-                "revision": revision,
-            }
-            if self.prior is not None:
-                manifest["prior"] = {"beta": self.prior.beta, "bank": len(self.prior.bank)}
-                np.save(tmp / "bank.npy", self.prior.bank.astype(np.float32))
-            (tmp / "index.json").write_text(json.dumps(manifest, indent=2))
-        self.revision = revision
+            self.write(tmp)
 
-    @staticmethod
-    def revision_in(folder: str | Path) -> str | None:
-        """The revision of the index saved in `folder` (None: none, or saved without one)."""
-        try:
-            return read_json(Path(folder) / "index.json", "index metadata").get("revision")
-        except DataError:
-            return None
+    def write(self, folder: Path) -> None:
+        """Write the index's files into the empty folder `folder`."""
+        faiss.write_index(self.index, str(folder / "index.faiss"))
+        (folder / "items.json").write_text(json.dumps(self.items, ensure_ascii=False))
+        manifest = {
+            "format": FORMAT,
+            "model_id": self.model_id,
+            "dim": self.dim,
+            "count": len(self),
+            "config": asdict(self.cfg),
+        }
+        if self.prior is not None:
+            manifest["prior"] = {"beta": self.prior.beta, "bank": len(self.prior.bank)}
+            np.save(folder / "bank.npy", self.prior.bank.astype(np.float32))
+        (folder / "index.json").write_text(json.dumps(manifest, indent=2))
 
     @classmethod
     def load(
@@ -225,7 +215,7 @@ class VectorIndex:
                 f"{manifest['count']} x {manifest['dim']}{' + prior' if prior is not None else ''}"
             )
         config = from_dict(IndexConfig, manifest["config"])
-        return cls(index, items, manifest["model_id"], config, prior, manifest.get("revision"))
+        return cls(index, items, manifest["model_id"], config, prior)
 
 
 def _read_faiss(path: Path, mmap: bool) -> faiss.Index:

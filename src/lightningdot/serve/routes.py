@@ -164,7 +164,7 @@ def image_routes(service: Service) -> APIRouter:
         row = index.row(image_id)
         if row is None:
             raise HTTPException(404, f"no image {image_id!r} in the index")
-        path = retriever.image_file(index.items[row].get("path") or image_id)
+        path = retriever.image_file(index.items[row])
         if not path.is_file():
             raise HTTPException(404, f"the file of image {image_id!r} is missing: {path.name}")
         # Browsers must not guess a type other than the one sent (an upload is never a page).

@@ -1,0 +1,184 @@
+"""Collections into index folders: `ldot index` builds one, `ldot index --add` grows one.
+
+Images come from a collection folder, with their captions when an annotation file names them.
+Each item records the root it came from (`lightningdot.index.folder`): the first collection's
+images keep their keys as ids; images from another folder get ids prefixed by that root's name,
+so two folders holding `a.jpg` never share an id. An image file that does not decode is skipped
+and named, as `ldot extract` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lightningdot.config import IndexConfig
+from lightningdot.data import Corpus, ImageRecord, read_collection
+from lightningdot.encode import Encoded, RegionSource, encode_readable, encode_texts
+from lightningdot.errors import DataError
+from lightningdot.features import FeatureStore
+from lightningdot.index.folder import CaptionRows, IndexFolder, Manifest, Rows, root_name
+from lightningdot.index.vector import VectorIndex, priors_of, recall_against_exact
+from lightningdot.model.checkpoint import index_identity, load_model
+from lightningdot.model.encoders import BiEncoder
+from lightningdot.progress import Progress, Silent
+
+
+def image_items(images: list[ImageRecord], root: str, prefix: str = "") -> list[dict]:
+    return [
+        {"id": prefix + im.key, "root": root, "path": im.key, "captions": im.captions}
+        for im in images
+    ]
+
+
+def caption_items(items: list[dict]) -> list[dict]:
+    return [
+        {"id": f"{it['id']}#{j}", "image": it["id"], "caption": c}
+        for it in items
+        for j, c in enumerate(it["captions"])
+    ]
+
+
+@dataclass
+class BuildReport:
+    indexes: dict[str, VectorIndex]
+    recall_at_10: float | None = None  # of an approximate image index against exact search
+    recall_queries: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (key, why) of images skipped
+
+
+@dataclass
+class AddReport:
+    added: int  # images added
+    total: int  # images in the index after the add
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (key, why) of images skipped
+
+
+def _encode(
+    model: BiEncoder, corpus: Corpus, source: RegionSource, progress: Progress
+) -> tuple[Corpus, Encoded]:
+    """The images that decode (as a corpus) and their vectors."""
+    progress.start(len(corpus.images), "encoding images")
+    encoded = encode_readable(model, source, corpus.keys(), progress)
+    return Corpus([corpus.images[n] for n in encoded.kept]), encoded
+
+
+def build_index(
+    model: BiEncoder,
+    model_name: str,
+    corpus: Corpus,
+    image_dir: Path,
+    out: Path,
+    cfg: IndexConfig | None = None,
+    features: FeatureStore | None = None,
+    progress: Progress | None = None,
+    recall_sample: int = 1000,
+) -> BuildReport:
+    """Encode a collection (reusing stored features when given) into the index folder `out`,
+    new or replaced whole in one commit.
+
+    With an approximate factory, also measures recall@10 of the image index against exact search
+    on up to `recall_sample` queries (the captions when known, else the images themselves).
+    A model with a query bank gives both indexes its priors.
+
+    Raises:
+        DataError: no image decodes, or `out` is not a folder a build may write (see
+            `IndexFolder.create`).
+    """
+    cfg = cfg or IndexConfig()
+    source = RegionSource(model.cfg.backbone, features, image_dir)
+    corpus, encoded = _encode(model, corpus, source, progress or Silent())
+    if not corpus.images:
+        raise DataError(f"none of the images under {image_dir} could be read")
+    identity = index_identity(model)
+    image_prior, caption_prior = priors_of(model.bank)
+    vectors, root = encoded.vectors.numpy(), Path(image_dir).resolve()
+    items = image_items(corpus.images, root_name(root))
+    images = VectorIndex.build(vectors, items, identity, cfg, image_prior)
+    report = BuildReport({"images": images}, failed=encoded.failed)
+    queries = vectors
+    if corpus.captions:
+        queries = encode_texts(model, corpus.captions).numpy()
+        captions = VectorIndex.build(queries, caption_items(items), identity, cfg, caption_prior)
+        report.indexes["captions"] = captions
+    if cfg.factory != "Flat":
+        exact = VectorIndex.build(vectors, items, identity, prior=image_prior)
+        sample = queries[np.random.default_rng(0).permutation(len(queries))[:recall_sample]]
+        report.recall_at_10 = recall_against_exact(images, exact, sample, 10)
+        report.recall_queries = len(sample)
+    store = None if features is None else str(Path(features.root).resolve())
+    manifest = Manifest(model_name, identity, roots={items[0]["root"]: str(root)}, features=store)
+    IndexFolder.create(Path(out), manifest, report.indexes)
+    return report
+
+
+def add_collection(
+    index: IndexFolder,
+    model: BiEncoder,
+    corpus: Corpus,
+    image_dir: Path,
+    features: FeatureStore | None = None,
+    progress: Progress | None = None,
+) -> AddReport:
+    """Append the corpus's images not yet indexed (and their captions) in one commit, without a
+    rebuild. Run again after an interruption, it adds what the interrupted run did not."""
+    with index.writing():  # the root's name and what is new are decided on what is committed
+        root = index.root_for(Path(image_dir))
+        prefix = "" if root == index.manifest.primary_root else f"{root}/"
+        fresh = [
+            im
+            for im, it in zip(corpus.images, image_items(corpus.images, root, prefix), strict=True)
+            if not index.indexed(it)
+        ]
+        if not fresh:
+            return AddReport(0, len(index.image_index))
+        source = RegionSource(model.cfg.backbone, features, image_dir)
+        readable, encoded = _encode(model, Corpus(fresh), source, progress or Silent())
+        added = 0
+        if readable.images:
+            items = image_items(readable.images, root, prefix)
+            captions: CaptionRows | None = None
+            if readable.captions:
+                captions = (encode_texts(model, readable.captions).numpy(), caption_items(items))
+            rows = Rows(encoded.vectors.numpy(), items, captions, (root, str(image_dir.resolve())))
+            added = sum(index.append(rows))
+        return AddReport(added, len(index.image_index), encoded.failed)
+
+
+def index_images(
+    out: Path,
+    image_dir: Path,
+    annotations: Path | None = None,
+    split: str | None = None,
+    model: str | None = None,
+    factory: str = "Flat",
+    features: Path | None = None,
+    progress: Progress | None = None,
+) -> BuildReport:
+    """`ldot index`: the images an annotation file names (with their captions), or every image
+    under `image_dir`, into the index folder `out`, by `model` (default: "default")."""
+    corpus = read_collection(image_dir, annotations, split)
+    net = load_model(model or "default")
+    store = FeatureStore(features) if features is not None else None
+    cfg = IndexConfig(factory=factory)
+    return build_index(net, model or "default", corpus, image_dir, out, cfg, store, progress)
+
+
+def add_images(
+    out: Path,
+    image_dir: Path,
+    annotations: Path | None = None,
+    split: str | None = None,
+    model: str | None = None,
+    features: Path | None = None,
+    progress: Progress | None = None,
+) -> AddReport:
+    """`ldot index --add`: the collection's images not yet in the index folder `out` (by
+    default with the model that built it)."""
+    corpus = read_collection(image_dir, annotations, split)
+    net = load_model(model or Manifest.read(Path(out)).model)
+    index = IndexFolder.open(out, net, mmap=False)
+    store = FeatureStore(features) if features is not None else None
+    return add_collection(index, net, corpus, Path(image_dir), store, progress)

@@ -1,0 +1,182 @@
+"""Kill a write at each of its file operations in turn.
+
+    python -m tests.index.crash SPEC.json
+
+runs the write SPEC names once per crash point, each time on a fresh copy of its folder, in a
+child process that kills itself (SIGKILL: no cleanup runs) at its N-th file operation, for
+N = 1, 2, ... until a run gets through. Every call that changes the file system counts as one
+step: opening a file for writing, each write to it, fsync, rename and replace, unlink, rmdir,
+mkdir, and FAISS writing an index file. A write is torn: the step writes half its bytes, then
+dies; so is an index file FAISS writes.
+
+SPEC: {"op": a name in OPS, "before": the folder to copy (absent: none), "trials": the folder
+of the copies, "args": the op's}. It writes `<trials>/done.json`, the number of steps a whole
+run took; the test then opens every copy.
+
+The children are forked from this process before it has run any model arithmetic, so no
+thread pool is copied half-alive into them.
+"""
+
+from __future__ import annotations
+
+import builtins
+import io
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import faiss
+
+import tests.helpers  # noqa: F401  (registers the stand-in backbone the tiny model uses)
+
+
+class Injector:
+    """Counts the file operations of this process and kills it at the `crash_at`-th."""
+
+    def __init__(self, crash_at: int) -> None:
+        self.crash_at, self.steps = crash_at, 0
+
+    def step(self) -> bool:
+        """Count a step; True when it is the one to crash at (the caller then calls `die`)."""
+        self.steps += 1
+        return self.steps == self.crash_at
+
+    @staticmethod
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def install(self) -> None:
+        for name in ("replace", "rename", "unlink", "remove", "rmdir", "mkdir", "fsync"):
+            setattr(os, name, self._before(getattr(os, name)))
+        os.open = self._os_open(os.open)
+        builtins.open = io.open = self._open(io.open)
+        faiss.write_index = self._write_index(faiss.write_index)
+
+    def _before(self, real):
+        def op(*args, **kwargs):
+            if self.step():
+                self.die()
+            return real(*args, **kwargs)
+
+        return op
+
+    def _os_open(self, real):
+        def op(path, flags, *args, **kwargs):
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and self.step():
+                self.die()
+            return real(path, flags, *args, **kwargs)
+
+        return op
+
+    def _open(self, real):
+        def op(file, mode="r", *args, **kwargs):
+            writing = any(c in mode for c in "wax+")
+            if writing and self.step():
+                self.die()
+            f = real(file, mode, *args, **kwargs)
+            return TornFile(f, self) if writing else f
+
+        return op
+
+    def _write_index(self, real):
+        def op(index, path, *args):
+            crash = self.step()
+            real(index, path, *args)
+            if crash:
+                os.truncate(path, os.path.getsize(path) // 2)
+                self.die()
+
+        return op
+
+
+class TornFile:
+    """A file whose crashing write writes half its bytes first."""
+
+    def __init__(self, f, injector: Injector) -> None:
+        self._f, self._injector = f, injector
+
+    def write(self, data):
+        if self._injector.step():
+            self._f.write(data[: len(data) // 2])
+            self._f.flush()
+            self._injector.die()
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._f.__exit__(*exc)
+
+    def __iter__(self):
+        return iter(self._f)
+
+
+def run_add(folder: Path, images: str, annotations: str | None = None) -> None:
+    from lightningdot.index.build import add_images
+
+    add_images(folder, Path(images), Path(annotations) if annotations else None)
+
+
+def run_upload(folder: Path, files: list[str]) -> None:
+    from lightningdot.retrieval import Retriever
+
+    uploads = [(Path(f).name, Path(f).read_bytes()) for f in files]
+    Retriever.open(folder, mmap=False).add_uploads(uploads)
+
+
+def run_build(folder: Path, images: str, annotations: str | None, model: str) -> None:
+    from lightningdot.index.build import index_images
+
+    index_images(folder, Path(images), Path(annotations) if annotations else None, model=model)
+
+
+OPS = {"add": run_add, "upload": run_upload, "build": run_build}
+
+
+def trial(spec: dict, crash_at: int) -> bool:
+    """One run, killed at step `crash_at`; True when it got through first."""
+    folder = Path(spec["trials"]) / f"crash-{crash_at:03d}"
+    if spec.get("before"):
+        shutil.copytree(spec["before"], folder)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            import torch
+
+            torch.set_num_threads(1)
+            Injector(crash_at).install()
+            OPS[spec["op"]](folder, **spec["args"])
+        except BaseException as e:  # a write that fails for a reason other than the kill
+            print(f"step {crash_at}: {type(e).__name__}: {e}", file=sys.stderr)
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+        return False
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        shutil.rmtree(folder)  # the run that got through: the test makes its own reference
+        return True
+    raise SystemExit(f"step {crash_at}: the write failed without being killed ({status})")
+
+
+def main(spec_file: str) -> None:
+    import lightningdot.index.build  # noqa: F401  (imported once here, not in every child)
+    import lightningdot.retrieval  # noqa: F401
+
+    spec = json.loads(Path(spec_file).read_text())
+    Path(spec["trials"]).mkdir(parents=True, exist_ok=True)
+    crash_at = 1
+    while not trial(spec, crash_at):
+        crash_at += 1
+    (Path(spec["trials"]) / "done.json").write_text(json.dumps({"steps": crash_at - 1}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
