@@ -11,9 +11,18 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from lightningdot.errors import DataError
 from lightningdot.io import write_json
 
-console = Console(stderr=True)  # messages and bars; results go to standard output
+# Messages and bars; results go to standard output. soft_wrap: a message stays one line
+# (whatever the terminal's width) so that logs and scripts can read it.
+console = Console(stderr=True, soft_wrap=True)
+
+
+def print_error(error: Exception) -> None:
+    """An input error as one red line. Its text is escaped: a file name like `a[/b].jpg`
+    would otherwise be read as markup (and a stray closing tag raises)."""
+    console.print(f"[bold red]error:[/] {escape(str(error))}")
 
 
 def progress_bar() -> Progress:
@@ -62,27 +71,18 @@ def print_extracted(summary, out: Path) -> None:
     console.print(
         f"{summary.extracted} extracted, {summary.skipped} already done, "
         f"{len(summary.failed)} failed, of {summary.total} "
-        f"({summary.images_per_second:.1f} images/s) -> {out}"
+        f"({summary.images_per_second:.1f} images/s) -> {escape(str(out))}"
     )
     for key, reason in summary.failed:
-        console.print(f"  [yellow]skipped[/] {key}: {reason}")
-
-
-def print_skipped(failed: list[tuple[str, str]]) -> None:
-    """The images a build or an add skipped because their files do not decode."""
-    if failed:
-        console.print(f"[yellow]skipped {len(failed)} image(s) that do not decode:[/]")
-    for key, reason in failed:
-        console.print(f"  {escape(key)}: {escape(reason)}")
+        console.print(f"  [yellow]skipped[/] {escape(key)}: {escape(reason)}")
 
 
 def print_built(built, factory: str, out: Path) -> None:
-    console.print(
-        ", ".join(f"{len(ix)} {name}" for name, ix in built.indexes.items()) + f" -> {out}"
-    )
+    counts = ", ".join(f"{len(ix)} {name}" for name, ix in built.indexes.items())
+    console.print(escape(f"{counts} -> {out}"))
     if built.recall_at_10 is not None:
         console.print(
-            f"{factory}: recall@10 against exact search = {built.recall_at_10:.3f} "
+            f"{escape(factory)}: recall@10 against exact search = {built.recall_at_10:.3f} "
             f"({built.recall_queries} sample queries)"
         )
 
@@ -93,14 +93,18 @@ def print_best(best: dict, out: Path, what: str = "") -> None:
         return
     per = ", ".join(f"{k} {m['ar']:.2f}" for k, m in best.get("languages", {}).items())
     label = f"best {'mean ' if per else ''}val AR{f' {what}' if what else ''}"
-    console.print(f"{label} {best['ar']:.2f}{f' ({per})' if per else ''} -> {out / 'best'}")
+    line = f"{label} {best['ar']:.2f}{f' ({per})' if per else ''} -> {out / 'best'}"
+    console.print(escape(line))
 
 
 def print_bank(bank, model: Path) -> None:
     src = bank.source
+    # Escaped: "[val]" would otherwise be read as a style tag and vanish.
     console.print(
-        f"wrote {model / 'bank.safetensors'}: {len(bank.text)} captions and "
-        f"{len(bank.image)} images of {src['annotations']} [{src['split']}], beta {bank.beta:g}"
+        escape(
+            f"wrote {model / 'bank.safetensors'}: {len(bank.text)} captions and "
+            f"{len(bank.image)} images of {src['annotations']} [{src['split']}], beta {bank.beta:g}"
+        )
     )
 
 
@@ -114,7 +118,7 @@ def print_metrics(m: dict, json_out: Path | None = None) -> None:
     table.add_row("AR", f"{m['ar']:.2f}", "", "")
     Console().print(table)
     if json_out is not None:
-        write_json(json_out, m)
+        _write_results(json_out, m)
 
 
 def print_bench(report, json_out: Path | None = None) -> None:
@@ -131,7 +135,15 @@ def print_bench(report, json_out: Path | None = None) -> None:
         )
     Console().print(table)
     if json_out is not None:
-        write_json(json_out, report.to_json())
+        _write_results(json_out, report.to_json())
+
+
+def _write_results(path: Path, data: dict) -> None:
+    """`--json FILE`: a folder or an unwritable place is the user's to fix, not a traceback."""
+    try:
+        write_json(path, data)
+    except OSError as e:
+        raise DataError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 def print_answers(labels: list[str], answers: list, as_json: bool) -> None:
@@ -172,5 +184,5 @@ def print_demo(results: list, info: dict) -> None:
         table.add_column("result")
         table.add_column("score", justify="right")
         for rank, hit in enumerate(r.hits, 1):
-            table.add_row(str(rank), hit.name, f"{hit.score:.3f}")
+            table.add_row(str(rank), escape(hit.name), f"{hit.score:.3f}")
         out.print(table)

@@ -153,3 +153,42 @@ def test_reading_a_few_rows_equals_reading_whole_shards(tmp_path):
     assert torch.equal(few.features, want.features) and torch.equal(few.boxes, want.boxes)
     assert torch.equal(few.soft_labels, want.soft_labels)
     assert big.batch(["k3"], soft_labels=False).soft_labels is None
+
+
+def test_creating_the_backbone_prints_nothing_on_stdout(capfd):
+    # `ldot search --json` prints results on stdout; efficientnet_lite_pytorch announces the
+    # weights it loaded with print(), which must not land there.
+    from lightningdot.features import create_backbone
+
+    bb = create_backbone("efficientnet-lite2")
+    out, err = capfd.readouterr()
+    assert bb.name == "efficientnet-lite2" and out == ""
+    assert "Loaded pretrained weights" in err  # still shown, on stderr
+
+
+def test_undecodable_bytes_are_named_not_shown_as_a_python_object(tmp_path):
+    with pytest.raises(DataError, match="^cannot decode the uploaded data: not an image") as e:
+        load_image(b"plain text")
+    assert "BytesIO" not in str(e.value)
+    with pytest.raises(DataError, match="^cannot decode cat.txt: "):
+        load_image(b"plain text", name="cat.txt")
+    with pytest.raises(DataError, match="^cannot decode the uploaded data: OSError: Truncated"):
+        load_image(b"\x89PNG\r\n\x1a\n" + b"0" * 50)
+    with pytest.raises(DataError, match="is a folder, not a file"):
+        load_image(tmp_path)
+
+
+def test_writer_refuses_a_file_a_folder_of_other_files_and_no_shards(tmp_path):
+    info = StoreInfo("test", FEATURE_DIM, NUM_CLASSES)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        FeatureStoreWriter(tmp_path / "file", info)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match=r"holds other files \('a.jpg', ...\) and no feature store"):
+        FeatureStoreWriter(tmp_path / "images", info)
+    assert not (tmp_path / "images" / "store.json").exists()
+    with pytest.raises(DataError, match="shard size must be at least 1, not 0"):
+        FeatureStoreWriter(tmp_path / "new", info, shard_size=0)
+    with pytest.raises(DataError, match="batch size must be at least 1, not 0"):
+        extract_images([], tmp_path / "new", ColourBackbone(), batch_size=0)

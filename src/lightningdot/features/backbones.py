@@ -8,16 +8,18 @@ LightningDOT takes from Faster R-CNN.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import io
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
 from lightningdot.errors import DataError
@@ -28,41 +30,56 @@ from lightningdot.features.regions import RegionFeatures, grid_boxes
 MAX_PIXELS = 40_000_000
 
 
-def load_image(source: str | os.PathLike[str] | bytes) -> Image.Image:
+def load_image(source: str | os.PathLike[str] | bytes, *, name: str | None = None) -> Image.Image:
     """Open an image (a file, or the bytes of one) as RGB, whatever its mode (palette, grey,
     RGBA, CMYK, 16-bit) or EXIF turn.
+
+    Args:
+        source: the image file, or its bytes (an upload).
+        name: how error messages name the image; default the file's path, or "the uploaded
+            data" for bytes.
 
     Raises:
         DataError: the file is missing or does not decode as an image.
     """
-    if isinstance(source, bytes):
-        path, opened = "(uploaded bytes)", io.BytesIO(source)
+    if isinstance(source, bytes | bytearray | memoryview):
+        label, opened = name or "the uploaded data", io.BytesIO(source)
     else:
-        path = opened = Path(source)
-        if not path.is_file():
-            raise DataError(f"image not found: {path}")
+        opened = Path(source)
+        label = name or str(opened)
+        if opened.is_dir():
+            raise DataError(f"image {label} is a folder, not a file")
+        if not opened.is_file():
+            raise DataError(f"image not found: {label}")
     try:
         with Image.open(opened) as im:
             if im.width * im.height > MAX_PIXELS:  # checked before the pixels are decoded
                 raise DataError(
-                    f"image {path} is {im.width} x {im.height}; the limit is {MAX_PIXELS:,} pixels"
+                    f"image {label} is {im.width} x {im.height}; the limit is {MAX_PIXELS:,} pixels"
                 )
-            im = ImageOps.exif_transpose(im)
-            if im.mode == "RGBA" or (im.mode == "P" and "transparency" in im.info):
-                # Paste on white so transparent pixels do not turn into arbitrary colours.
-                rgba = im.convert("RGBA")
-                canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-                canvas.paste(rgba, mask=rgba.getchannel("A"))
-                return canvas
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float32)
-                arr = 255.0 * (arr - arr.min()) / max(float(arr.max() - arr.min()), 1.0)
-                return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
-            return im.convert("RGB")
+            return _to_rgb(ImageOps.exif_transpose(im))
     except DataError:
         raise
+    except UnidentifiedImageError as e:
+        # Pillow's own message names the file object (`<_io.BytesIO object at 0x...>`).
+        raise DataError(f"cannot decode {label}: not an image in a format Pillow reads") from e
     except Exception as e:  # decoders of damaged files raise all kinds (SyntaxError, struct.error)
-        raise DataError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
+        reason = str(e).replace(repr(opened), label)
+        raise DataError(f"cannot decode {label}: {type(e).__name__}: {reason}") from e
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGBA" or (im.mode == "P" and "transparency" in im.info):
+        # Paste on white so transparent pixels do not turn into arbitrary colours.
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float32)
+        arr = 255.0 * (arr - arr.min()) / max(float(arr.max() - arr.min()), 1.0)
+        return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
 
 
 class Backbone(nn.Module):
@@ -106,9 +123,15 @@ def list_backbones() -> list[str]:
 
 
 def create_backbone(name: str) -> Backbone:
+    """The registered backbone `name`, in eval mode.
+
+    Whatever its library prints while it loads (efficientnet_lite_pytorch announces the
+    weights it loaded) goes to stderr: stdout carries results, e.g. `ldot search --json`.
+    """
     if name not in _BACKBONES:
         raise DataError(f"unknown backbone {name!r}; known: {', '.join(list_backbones())}")
-    return _BACKBONES[name]().eval()
+    with contextlib.redirect_stdout(sys.stderr):
+        return _BACKBONES[name]().eval()
 
 
 class EfficientNetLiteGrid(Backbone):

@@ -59,6 +59,8 @@ def extract_images(
     Images that do not decode are skipped and named in the summary; the others are written.
     Decoding of the next batch overlaps with the backbone's forward pass of this one.
     """
+    if batch_size < 1:
+        raise DataError(f"batch size must be at least 1, not {batch_size}")
     info = StoreInfo(backbone.name, backbone.feature_dim, backbone.num_classes)
     summary = ExtractSummary(total=len(items))
     start = time.perf_counter()

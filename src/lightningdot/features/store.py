@@ -125,10 +125,13 @@ class FeatureStoreWriter:
     """
 
     def __init__(self, root: str | Path, info: StoreInfo, shard_size: int = 256) -> None:
+        if shard_size < 1:
+            raise DataError(f"shard size must be at least 1, not {shard_size}")
         self.root = Path(root)
         self.info = info
         self.shard_size = shard_size
         info_path = self.root / "store.json"
+        _check_root(self.root)
         if info_path.is_file():
             existing = FeatureStore(self.root)
             if existing.info != info:
@@ -179,3 +182,17 @@ class FeatureStoreWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         # On KeyboardInterrupt too: what was computed is kept; nothing half-written is.
         self.flush()
+
+
+def _check_root(root: Path) -> None:
+    """Refuse a store folder that is a file, or a folder of something else: shards written
+    there would mix with its files (an `--out` that names the images folder, say)."""
+    if root.exists() and not root.is_dir():
+        raise DataError(f"feature store {root} is a file, not a folder; use another --out")
+    if root.is_dir() and not (root / "store.json").is_file():
+        others = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+        if others:
+            raise DataError(
+                f"{root} holds other files ({others[0]!r}, ...) and no feature store; "
+                "use a new or empty --out folder"
+            )

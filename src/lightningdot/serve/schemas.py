@@ -51,7 +51,8 @@ class Health(BaseModel):
     images: int
     captions: int
     reranker: bool
-    limits: dict[str, float]
+    # Not dict[str, float]: that turns max_k 100 into 100.0; the union keeps each number's type.
+    limits: dict[str, int | float] = Field(description="The limits of `ServeConfig`.")
 
 
 class ErrorResponse(BaseModel):
