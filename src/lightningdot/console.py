@@ -77,6 +77,14 @@ def print_extracted(summary, out: Path) -> None:
         console.print(f"  [yellow]skipped[/] {escape(key)}: {escape(reason)}")
 
 
+def print_skipped(failed: list[tuple[str, str]]) -> None:
+    """The images a build or an add skipped because their files do not decode."""
+    if failed:
+        console.print(f"[yellow]skipped {len(failed)} image(s) that do not decode:[/]")
+    for key, reason in failed:
+        console.print(f"  {escape(key)}: {escape(reason)}")
+
+
 def print_built(built, factory: str, out: Path) -> None:
     counts = ", ".join(f"{len(ix)} {name}" for name, ix in built.indexes.items())
     console.print(escape(f"{counts} -> {out}"))
