@@ -11,7 +11,8 @@ dies; so is an index file FAISS writes.
 
 SPEC: {"op": a name in OPS, "before": the folder to copy (absent: none), "trials": the folder
 of the copies, "args": the op's}. It writes `<trials>/done.json`, the number of steps a whole
-run took; the test then opens every copy.
+run took. `crash_every_step` runs it and then judges every copy: the tests and
+`benchmarks/reliability.py` call it.
 
 The children are forked from this process before it has run any model arithmetic, so no
 thread pool is copied half-alive into them.
@@ -23,14 +24,22 @@ import builtins
 import io
 import json
 import os
+import re
 import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import faiss
+import numpy as np
 
 import tests.helpers  # noqa: F401  (registers the stand-in backbone the tiny model uses)
+from lightningdot.errors import DataError
+from lightningdot.index.folder import IndexFolder
+from lightningdot.index.vector import VectorIndex
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Injector:
@@ -164,6 +173,82 @@ def trial(spec: dict, crash_at: int) -> bool:
         shutil.rmtree(folder)  # the run that got through: the test makes its own reference
         return True
     raise SystemExit(f"step {crash_at}: the write failed without being killed ({status})")
+
+
+def state(folder: Path):
+    """What a reader of the folder sees (None: no index), after opening it (which tidies)."""
+    try:
+        index = IndexFolder.load(folder)
+    except DataError:
+        return None
+
+    def part(ix: VectorIndex | None):
+        if ix is None:
+            return None
+        return json.dumps(ix.items, sort_keys=True), ix.index.reconstruct_n(0, len(ix))
+
+    return part(index.image_index), part(index.caption_index), index.manifest.roots
+
+
+def same(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    for x, y in zip(a[:2], b[:2], strict=True):
+        if (x is None) != (y is None):
+            return False
+        if x is not None and (x[0] != y[0] or not np.allclose(x[1], y[1], atol=1e-5)):
+            return False
+    return a[2] == b[2]
+
+
+def files(folder: Path) -> list[str]:
+    """Everything under the folder but its lock file, version folders under one name (a build
+    run again after it got through commits the same parts as the next version)."""
+    if not folder.exists():
+        return []
+    paths = (str(p.relative_to(folder)) for p in folder.rglob("*") if p.name != ".lock")
+    return sorted(re.sub(r"^v\d+", "v_", p) for p in paths)
+
+
+def crash_every_step(tmp_path: Path, op: str, before: Path | None, **args) -> dict[str, list]:
+    """Run `op` killed at each step in turn, on copies of the folder `before`; then open every
+    copy and run `op` on it again. Returns the crash steps by what they left: "old" or "new"
+    (the state before or after the write), "broken" (neither), "orphans" (files the opening
+    did not sweep), "unfinished" (running the write again did not reach the new state)."""
+    spec = {"op": op, "before": str(before) if before else None, "trials": str(tmp_path / "t")}
+    spec["args"] = args
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.index.crash", str(tmp_path / "spec.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if run.returncode != 0:
+        raise RuntimeError(run.stderr[-3000:])
+    steps = json.loads((tmp_path / "t" / "done.json").read_text())["steps"]
+    old_ref, new_ref = tmp_path / "old", tmp_path / "new"
+    if before is not None:
+        shutil.copytree(before, old_ref)
+        shutil.copytree(before, new_ref)
+    OPS[op](new_ref, **args)
+    old, new = state(old_ref), state(new_ref)
+    if new is None or same(old, new):
+        raise RuntimeError(f"{op} changed nothing")
+    found: dict[str, list] = {k: [] for k in ("old", "new", "broken", "orphans", "unfinished")}
+    for n in range(1, steps + 1):
+        trial = tmp_path / "t" / f"crash-{n:03d}"
+        seen = state(trial)
+        kind = "old" if same(seen, old) else "new" if same(seen, new) else "broken"
+        found[kind].append(n)
+        ref = old_ref if kind == "old" else new_ref
+        if kind != "broken" and seen is not None and files(trial) != files(ref):
+            found["orphans"].append(n)
+        OPS[op](trial, **args)  # the write run again
+        if not (same(state(trial), new) and files(trial) == files(new_ref)):
+            found["unfinished"].append(n)
+    return found
 
 
 def main(spec_file: str) -> None:

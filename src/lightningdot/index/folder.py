@@ -73,7 +73,7 @@ class Manifest:
     roots: dict[str, str] = field(default_factory=dict)  # the first is the collection's own
     features: str | None = None
     upgraded: bool = False  # from the layout before versions, whose folders may be left over
-    legacy: bool = field(default=False, metadata={"saved": False})  # read from that layout
+    legacy: bool = False  # read from that layout (not saved: a commit moves it to this one)
 
     @classmethod
     def read(cls, folder: Path) -> Manifest:
@@ -91,7 +91,15 @@ class Manifest:
         if data["format"] != FORMAT:
             raise DataError(f"{folder}: unknown index folder format {data['format']!r}")
         known = {f.name for f in fields(cls)} - {"legacy"}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        manifest = cls(**{k: v for k, v in data.items() if k in known})
+        if not (
+            isinstance(manifest.version, int)
+            and _names_folders(manifest.parts)
+            and "images" in manifest.parts
+            and _names_folders(manifest.roots)
+        ):
+            raise DataError(f"damaged index folder record {folder / RECORD}")
+        return manifest
 
     @classmethod
     def _of_legacy(cls, folder: Path, data: dict) -> Manifest:
@@ -103,13 +111,22 @@ class Manifest:
 
     def write(self, folder: Path) -> None:
         """Replace the folder's record: the commit point of every change."""
-        record = {k: v for k, v in asdict(self).items() if k != "legacy" and v not in (None, False)}
+        record = {k: v for k, v in asdict(self).items() if v is not None}
+        del record["legacy"]
+        if not self.upgraded:
+            del record["upgraded"]
         write_json(folder / RECORD, {"format": FORMAT, **record})
 
     @property
     def primary_root(self) -> str | None:
         """The root of the collection the folder was built from."""
         return next((name for name in self.roots if name != UPLOADS), None)
+
+
+def _names_folders(table: object) -> bool:
+    return isinstance(table, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in table.items()
+    )
 
 
 @dataclass
