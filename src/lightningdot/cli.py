@@ -304,6 +304,16 @@ def serve(
         int, typer.Option(min=0, help="Threads for the model's arithmetic (0: torch's default).")
     ] = 0,
     access_log: Annotated[bool, opt("Log every request.")] = True,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="LDOT_API_KEY",
+            show_default=False,
+            help="Key that the routes changing the index (POST /images) require, as "
+            "'Authorization: Bearer KEY' or 'X-API-Key: KEY'; without one they are off on any "
+            "--host but loopback. LDOT_API_KEY keeps it out of the process list.",
+        ),
+    ] = None,
 ) -> None:
     """Serve an index over HTTP: a JSON API and a search page at http://HOST:PORT/."""
     try:
@@ -318,7 +328,16 @@ def serve(
     with user_errors():
         cfg = ServeConfig(max_upload_mb=max_upload_mb, max_batch=max_batch)
         serve_index(
-            index_dir, host, port, model, reranker, cfg, threads, access_log, show.console.print
+            index_dir,
+            host,
+            port,
+            model,
+            reranker,
+            cfg,
+            threads,
+            access_log,
+            show.console.print,
+            api_key=api_key,
         )
 
 

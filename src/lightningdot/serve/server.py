@@ -12,6 +12,7 @@ import uvicorn
 from lightningdot.config import ServeConfig
 from lightningdot.retrieval import Retriever
 from lightningdot.serve.app import create_app
+from lightningdot.serve.security import write_policy
 
 
 def serve_index(
@@ -24,9 +25,12 @@ def serve_index(
     threads: int = 0,
     access_log: bool = True,
     log: Callable[[str], None] = print,
+    api_key: str | None = None,
 ) -> None:
     """Serve `index_dir` at http://host:port/ (see `lightningdot.retrieval.open_reranker` for
-    `reranker`); `threads`: the model's arithmetic threads (0: torch's default)."""
+    `reranker`); `threads`: the model's arithmetic threads (0: torch's default); `api_key`:
+    what the routes that change the index require (see `write_policy`)."""
+    writes = write_policy(host, api_key)
     if threads:
         torch.set_num_threads(threads)
     retriever = Retriever.open(index_dir, model, reranker=reranker)
@@ -36,6 +40,7 @@ def serve_index(
         f"serving {len(retriever.image_index)} images from {index_dir} on http://{host}:{port}/"
         + ("" if retriever.reranker else " (no re-ranker)")
     )
-    app = create_app(retriever, cfg)
+    log(writes.message)
+    app = create_app(retriever, cfg, writes)
     level = "info" if access_log else "warning"  # uvicorn logs requests at info
     uvicorn.run(app, host=host, port=port, access_log=access_log, log_level=level)
