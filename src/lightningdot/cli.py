@@ -49,7 +49,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except LightningDotError as e:
-        show.console.print(f"[bold red]error:[/] {e}")
+        show.print_error(e)
         raise typer.Exit(2) from None
 
 
@@ -171,7 +171,8 @@ def evaluate(
         args = (annotations, images, split, model, features, rerank, reranker, prior)
         progress = show.Bar(bar)
         metrics = evaluate_split(*args, progress, progress.say)
-    show.print_metrics(metrics, json_out)
+    with user_errors():  # a --json path that cannot be written
+        show.print_metrics(metrics, json_out)
 
 
 @app.command()
@@ -196,7 +197,8 @@ def bench(
     with user_errors(), show.console.status("timing"):
         args = (annotations, images, split, model, reranker, features, rerank, queries)
         report = bench_split(*args, full_queries, recall)
-    show.print_bench(report, json_out)
+    with user_errors():
+        show.print_bench(report, json_out)
 
 
 @app.command()

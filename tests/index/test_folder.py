@@ -219,3 +219,21 @@ def test_an_index_skips_and_names_images_that_do_not_decode(corpus_dir, model_di
     assert len(Retriever.open(out).image_index) == 12
     r = CliRunner().invoke(app, [*args, "--add"])
     assert r.exit_code == 0 and "added 0 new image(s); 12" in r.output, r.output
+
+
+def test_a_build_refuses_a_file_or_an_unknown_factory_before_encoding(
+    corpus_dir, model_dir, tmp_path
+):
+    full = read_karpathy(corpus_dir / "captions.json")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(DataError, match="is a file"):
+        index_of_saved_model(model_dir, full, corpus_dir, tmp_path / "a-file")
+    with pytest.raises(DataError, match="could not parse index string NOPE"):
+        build_index(
+            load_model(model_dir),
+            "m",
+            full,
+            corpus_dir / "images",
+            tmp_path / "x",
+            IndexConfig("NOPE"),
+        )

@@ -284,6 +284,7 @@ def test_health_metrics_and_openapi(client):
     health = client.get("/healthz").json()
     assert health["status"] == "ok" and health["images"] == 8 and health["captions"] == 16
     assert health["reranker"] is True and health["limits"]["max_k"] == 100
+    assert health["writes"] == "open"  # loopback, no key
     client.get("/search", params={"q": "red"})
     client.get("/nope")
     text = client.get("/metrics").text
@@ -368,3 +369,14 @@ def test_cli_serve_refuses_a_folder_that_is_no_index(tmp_path):
     r = CliRunner().invoke(app, ["serve", str(tmp_path)])
     assert r.exit_code == 2
     assert "not an index folder" in r.output and "Traceback" not in r.output
+
+
+def test_errors_name_the_servers_folders_by_root_not_by_place(client, retriever, corpus_dir):
+    """A re-rank that meets a vanished image file says which, without the server's paths."""
+    for f in (corpus_dir / "images").iterdir():
+        f.unlink()
+    r = client.get("/search", params={"q": "red", "k": 2, "rerank": 4})
+    assert r.status_code == 400 and "image not found: images/img" in r.json()["detail"], r.text
+    assert str(corpus_dir) not in r.text
+    hits = client.get("/search", params={"q": "red"}).json()["results"]
+    assert all(not h["path"].startswith("/") for h in hits)

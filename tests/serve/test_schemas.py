@@ -33,6 +33,7 @@ def test_health_model_keeps_a_whole_float_a_float():
         captions=0,
         reranker=False,
         limits={"max_k": 3, "max_upload_mb": 10.0},
+        writes="open",
     ).model_dump_json()
     assert '"max_k":3,' in limits and '"max_upload_mb":10.0' in limits
 

@@ -176,7 +176,9 @@ def test_beyond_loopback_without_a_key_writes_are_off_and_reads_served(retriever
         assert c.delete("/images/img01.png").status_code == 403  # a later write route too
         assert c.get("/search", params={"q": "red"}).status_code == 200
         assert c.post("/search/image", files={"file": ("q.png", png("red"))}).status_code == 200
-        assert c.get("/healthz").status_code == 200
+        assert c.get("/healthz").json()["writes"] == "off"
+    with client_for(retriever, "0.0.0.0", KEY) as c:
+        assert c.get("/healthz").json()["writes"] == "key"
 
 
 def test_openapi_offers_the_key_on_write_routes_only(retriever):

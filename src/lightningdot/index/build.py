@@ -88,12 +88,13 @@ def build_index(
             `IndexFolder.create`).
     """
     cfg = cfg or IndexConfig()
+    image_prior, caption_prior = priors_of(model.bank)
+    VectorIndex.check_factory(cfg.factory, model.cfg.embed_dim + (image_prior is not None))
     source = RegionSource(model.cfg.backbone, features, image_dir)
     corpus, encoded = _encode(model, corpus, source, progress or Silent())
     if not corpus.images:
         raise DataError(f"none of the images under {image_dir} could be read")
     identity = index_identity(model)
-    image_prior, caption_prior = priors_of(model.bank)
     vectors, root = encoded.vectors.numpy(), Path(image_dir).resolve()
     items = image_items(corpus.images, root_name(root))
     images = VectorIndex.build(vectors, items, identity, cfg, image_prior)

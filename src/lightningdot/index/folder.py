@@ -219,6 +219,16 @@ class IndexFolder:
         """The file of an indexed image (an absolute `path`, as older folders hold, as it is)."""
         return self.root_folder(item.get("root")) / item.get("path", item["id"])
 
+    def places(self) -> dict[str, str]:
+        """The folders this index reads, as text, each with the name to show in its stead to
+        those who should not learn the layout of this disk; longest first, so that a folder
+        inside another is named before the outer one."""
+        named = {str(self.root_folder(name).resolve()): name for name in self.manifest.roots}
+        named[str(self.folder.resolve())] = "<index>"
+        if self.manifest.features:
+            named[str(Path(self.manifest.features).resolve())] = "<features>"
+        return dict(sorted(named.items(), key=lambda kv: -len(kv[0])))
+
     def root_for(self, image_dir: Path) -> str:
         """The root of images from `image_dir`: the one recorded for it, else a new name (the
         folder's, made unique)."""
@@ -332,6 +342,8 @@ class IndexFolder:
             DataError: `folder` holds files but no index, or holds uploaded images a rebuild
                 would drop.
         """
+        if folder.exists() and not folder.is_dir():
+            raise DataError(f"{folder} is a file, not an index folder")
         folder.mkdir(parents=True, exist_ok=True)
         with FileLock(folder / LOCK):
             current = _replaceable(folder)

@@ -40,10 +40,10 @@ def decode_uploads(uploads: list[tuple[str, bytes]]) -> tuple[list[Image.Image],
     decoded, ids = [], []
     for name, data in uploads:
         try:
-            decoded.append(load_image(data))
+            decoded.append(load_image(data, name=name))
             with Image.open(io.BytesIO(data)) as im:
                 ids.append(upload_id(data, im.format))
-        except (DataError, OSError) as e:
+        except OSError as e:
             raise DataError(f"{name}: not an image file this server can decode ({e})") from e
     return decoded, ids
 

@@ -110,6 +110,19 @@ class VectorIndex:
         index.add(x)
         return cls(index, list(items), model_id, cfg, prior)
 
+    @staticmethod
+    def check_factory(factory: str, dim: int) -> None:
+        """Refuse a FAISS factory string before any vector is computed for it.
+
+        Raises:
+            DataError: FAISS cannot make an index of `dim` from it.
+        """
+        try:
+            faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            why = str(e).strip().rsplit(": ", 1)[-1]  # past FAISS's C++ function and line
+            raise DataError(f"FAISS cannot build {factory!r}: {why}") from e
+
     @property
     def dim(self) -> int:
         """Dimension of the vectors it takes (the prior's coordinate not counted)."""

@@ -52,9 +52,18 @@ class UploadLimit:
         await self.app(scope, receive, send)
 
 
-async def user_error(request: Request, exc: LightningDotError) -> JSONResponse:
-    """Errors caused by the request (a bad image, a re-rank without a re-ranker): a 400."""
-    return JSONResponse({"detail": str(exc)}, status_code=400)
+def user_errors(retriever: Retriever):
+    """The handler of errors caused by the request (a bad image, a re-rank without a
+    re-ranker): a 400 whose message names the server's folders by their roots' names, not by
+    where they are on its disk."""
+
+    async def user_error(request: Request, exc: LightningDotError) -> JSONResponse:
+        detail = str(exc)
+        for where, name in retriever.index.places().items():
+            detail = detail.replace(where, name)
+        return JSONResponse({"detail": detail}, status_code=400)
+
+    return user_error
 
 
 def offline_docs(app: FastAPI) -> None:
@@ -118,8 +127,8 @@ def create_app(
     (as a context manager, so the model thread starts). `writes`: who may change the index (see
     `lightningdot.serve.security.write_policy`); by default that of a loopback bind without a
     key, so a caller that binds any other address must pass its own."""
-    service = Service(retriever, cfg or ServeConfig())
     writes = writes or write_policy("127.0.0.1", None)
+    service = Service(retriever, cfg or ServeConfig(), writes.mode)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -141,7 +150,7 @@ def create_app(
     app.add_middleware(UploadLimit, max_bytes=service.cfg.max_upload_bytes)
     app.add_middleware(WriteGuard, policy=writes)  # outside UploadLimit: a 403/401 before a 413
     app.add_middleware(RequestMetrics, metrics=service.metrics)  # outermost: sees every reply
-    app.add_exception_handler(LightningDotError, user_error)
+    app.add_exception_handler(LightningDotError, user_errors(retriever))
     for routes in (info_routes, query_routes, image_routes):
         app.include_router(routes(service))
     offline_docs(app)

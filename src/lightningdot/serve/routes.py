@@ -200,6 +200,7 @@ def info_routes(service: Service) -> APIRouter:
             captions=len(captions) if captions is not None else 0,
             reranker=retriever.reranker is not None,
             limits=asdict(service.cfg),
+            writes=service.writes,
         )
 
     @router.get("/metrics", response_class=Response)

@@ -53,6 +53,10 @@ class Health(BaseModel):
     reranker: bool
     # Not dict[str, float]: that turns max_k 100 into 100.0; the union keeps each number's type.
     limits: dict[str, int | float] = Field(description="The limits of `ServeConfig`.")
+    writes: str = Field(
+        description='Routes that change the index: "key" (they need the API key), "open" (to '
+        'same-origin requests on loopback) or "off" (a non-loopback bind without a key).'
+    )
 
 
 class ErrorResponse(BaseModel):

@@ -42,6 +42,11 @@ class WritePolicy:
     api_key: str | None = field(repr=False)  # when set, they need it
     message: str  # the start-up line that says which of these holds (never the key)
 
+    @property
+    def mode(self) -> str:
+        """ "key" (writes need the key), "open" (to same-origin requests) or "off"."""
+        return "key" if self.api_key is not None else "open" if self.enabled else "off"
+
 
 def is_loopback(host: str) -> bool:
     """`localhost` (and `*.localhost`, which browsers keep on this machine), 127.0.0.0/8, ::1,

@@ -49,8 +49,9 @@ def answer_texts(retriever: Retriever, queries: list[TextQuery]) -> list[Answer]
 class Service:
     """What the routes share. `start` and `stop` run in the app's lifespan (its event loop)."""
 
-    def __init__(self, retriever: Retriever, cfg: ServeConfig) -> None:
+    def __init__(self, retriever: Retriever, cfg: ServeConfig, writes: str = "open") -> None:
         self.retriever, self.cfg = retriever, cfg
+        self.writes = writes  # `WritePolicy.mode`, for /healthz
         self.metrics = Metrics(retriever)
         self._model: ThreadPoolExecutor | None = None
         self._adds: ThreadPoolExecutor | None = None
