@@ -86,3 +86,13 @@ def test_failed_save_keeps_the_previous_index(tmp_path, monkeypatch):
         bigger.save(tmp_path / "ix")
     monkeypatch.undo()
     assert len(VectorIndex.load(tmp_path / "ix")) == 10
+
+
+def test_an_id_names_one_row_always():
+    x = np.eye(4, dtype=np.float32)
+    with pytest.raises(DataError, match="repeated"):
+        VectorIndex.build(x[:2], [{"id": "a"}, {"id": "a"}], "m")
+    index = VectorIndex.build(x[:2], [{"id": "a"}, {"id": "b"}], "m")
+    with pytest.raises(DataError, match=r"\['b'\]"):
+        index.add(x[2:], [{"id": "c"}, {"id": "b"}])
+    assert len(index) == 2 and index.row("c") is None

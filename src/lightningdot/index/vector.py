@@ -96,6 +96,7 @@ class VectorIndex:
         x = _as_matrix(vectors, None if prior is None else prior.bank.shape[1])
         if len(x) != len(items):
             raise ValueError(f"{len(x)} vectors for {len(items)} items")
+        _check_ids(items)
         if prior is not None:
             x = prior.of(x)
         try:
@@ -136,6 +137,7 @@ class VectorIndex:
         x = _as_matrix(vectors, self.dim)
         if len(x) != len(items):
             raise ValueError(f"{len(x)} vectors for {len(items)} items")
+        _check_ids(items, self.row)
         self.index.add(x if self.prior is None else self.prior.of(x))
         self.items.extend(items)
         self._rows = None
@@ -229,6 +231,23 @@ class VectorIndex:
             )
         config = from_dict(IndexConfig, manifest["config"])
         return cls(index, items, manifest["model_id"], config, prior)
+
+
+def _check_ids(items: list[dict], held=lambda _: None) -> None:
+    """Refuse items whose id repeats, among them or (`held(id)` not None) in the index: an id
+    names one row, always.
+
+    Raises:
+        DataError: naming up to three such ids.
+    """
+    seen: set[str] = set()
+    twice = []
+    for it in items:
+        if it["id"] in seen or held(it["id"]) is not None:
+            twice.append(it["id"])
+        seen.add(it["id"])
+    if twice:
+        raise DataError(f"{len(twice)} id(s) already in the index or repeated, e.g. {twice[:3]}")
 
 
 def _read_faiss(path: Path, mmap: bool) -> faiss.Index:
