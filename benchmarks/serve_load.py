@@ -42,7 +42,8 @@ from lightningdot.encode import RegionSource, encode_collection
 from lightningdot.errors import LightningDotError
 from lightningdot.features import FeatureStore
 from lightningdot.index.build import image_items
-from lightningdot.index.folder import IndexFolder, Manifest
+from lightningdot.index.folder import IndexFolder
+from lightningdot.index.record import Manifest
 from lightningdot.index.vector import VectorIndex, priors_of
 from lightningdot.model.checkpoint import index_identity, load_model
 

@@ -98,7 +98,7 @@ def as_older_layout(folder: Path, out: Path, uploads: dict[str, bytes] | None = 
     import json
     import shutil
 
-    from lightningdot.index.folder import Manifest
+    from lightningdot.index.record import Manifest
 
     manifest = Manifest.read(folder)
     out.mkdir()

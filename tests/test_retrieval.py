@@ -12,7 +12,7 @@ from lightningdot.data import read_karpathy
 from lightningdot.errors import DataError
 from lightningdot.features import FeatureStore
 from lightningdot.index.build import build_index
-from lightningdot.index.folder import Manifest
+from lightningdot.index.record import Manifest
 from lightningdot.model.checkpoint import load_model
 from lightningdot.retrieval import Retriever
 from tests.helpers import index_of_saved_model

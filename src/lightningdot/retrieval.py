@@ -25,7 +25,8 @@ from lightningdot.encode import ImageInput, RegionSource
 from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.features import FeatureStore, RegionBatch
 from lightningdot.index.build import AddReport, add_collection
-from lightningdot.index.folder import IndexFolder, Manifest
+from lightningdot.index.folder import IndexFolder
+from lightningdot.index.record import Manifest
 from lightningdot.index.uploads import add_uploads
 from lightningdot.index.vector import VectorIndex
 from lightningdot.model.checkpoint import load_model, load_reranker

@@ -21,6 +21,7 @@ thread pool is copied half-alive into them.
 from __future__ import annotations
 
 import builtins
+import errno
 import io
 import json
 import os
@@ -43,19 +44,23 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class Injector:
-    """Counts the file operations of this process and kills it at the `crash_at`-th."""
+    """Counts the file operations of this process and, at the `crash_at`-th, kills it
+    (`fault="kill"`) or makes the operation fail as a full disk does (`fault="enospc"`: the
+    process goes on, its error handling runs)."""
 
-    def __init__(self, crash_at: int) -> None:
-        self.crash_at, self.steps = crash_at, 0
+    def __init__(self, crash_at: int, fault: str = "kill") -> None:
+        self.crash_at, self.fault, self.steps, self.fired = crash_at, fault, 0, False
 
     def step(self) -> bool:
         """Count a step; True when it is the one to crash at (the caller then calls `die`)."""
         self.steps += 1
         return self.steps == self.crash_at
 
-    @staticmethod
-    def die() -> None:
-        os.kill(os.getpid(), signal.SIGKILL)
+    def die(self) -> None:
+        self.fired = True
+        if self.fault == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
 
     def install(self) -> None:
         for name in ("replace", "rename", "unlink", "remove", "rmdir", "mkdir", "fsync"):
@@ -150,29 +155,42 @@ OPS = {"add": run_add, "upload": run_upload, "build": run_build}
 
 
 def trial(spec: dict, crash_at: int) -> bool:
-    """One run, killed at step `crash_at`; True when it got through first."""
+    """One run, failed at step `crash_at`; True when it got through before that step."""
     folder = Path(spec["trials"]) / f"crash-{crash_at:03d}"
     if spec.get("before"):
         shutil.copytree(spec["before"], folder)
     pid = os.fork()
     if pid == 0:
-        try:
-            import torch
-
-            torch.set_num_threads(1)
-            Injector(crash_at).install()
-            OPS[spec["op"]](folder, **spec["args"])
-        except BaseException as e:  # a write that fails for a reason other than the kill
-            print(f"step {crash_at}: {type(e).__name__}: {e}", file=sys.stderr)
-            os._exit(1)
-        os._exit(0)
+        _child(spec, folder, crash_at)
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
         return False
-    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+    if code == 0:
         shutil.rmtree(folder)  # the run that got through: the test makes its own reference
         return True
-    raise SystemExit(f"step {crash_at}: the write failed without being killed ({status})")
+    if code in (FAILED_AS_INJECTED, ABSORBED):
+        return False
+    raise SystemExit(f"step {crash_at}: the write failed without being made to ({status})")
+
+
+FAILED_AS_INJECTED, ABSORBED = 3, 4  # exit codes: the write raised the fault; it went on
+
+
+def _child(spec: dict, folder: Path, crash_at: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    injector = Injector(crash_at, spec.get("fault", "kill"))
+    injector.install()
+    try:
+        OPS[spec["op"]](folder, **spec["args"])
+    except BaseException as e:
+        if injector.fired and isinstance(e, OSError):
+            os._exit(FAILED_AS_INJECTED)
+        print(f"step {crash_at}: {type(e).__name__}: {e}", file=sys.stderr)
+        os._exit(1)
+    os._exit(ABSORBED if injector.fired else 0)
 
 
 def state(folder: Path):
@@ -202,20 +220,28 @@ def same(a, b) -> bool:
 
 
 def files(folder: Path) -> list[str]:
-    """Everything under the folder but its lock file, version folders under one name (a build
-    run again after it got through commits the same parts as the next version)."""
+    """Everything under the folder but its lock files (a writer makes them, and they stay, empty:
+    not leftovers), version folders under one name (a build run again after it got through
+    commits the same parts as the next version)."""
     if not folder.exists():
         return []
-    paths = (str(p.relative_to(folder)) for p in folder.rglob("*") if p.name != ".lock")
+    locks = {".lock", ".add.lock"}  # the second: taken on a folder of the older layout
+    paths = (str(p.relative_to(folder)) for p in folder.rglob("*") if p.name not in locks)
     return sorted(re.sub(r"^v\d+", "v_", p) for p in paths)
 
 
-def crash_every_step(tmp_path: Path, op: str, before: Path | None, **args) -> dict[str, list]:
-    """Run `op` killed at each step in turn, on copies of the folder `before`; then open every
-    copy and run `op` on it again. Returns the crash steps by what they left: "old" or "new"
-    (the state before or after the write), "broken" (neither), "orphans" (files the opening
-    did not sweep), "unfinished" (running the write again did not reach the new state)."""
+def crash_every_step(
+    tmp_path: Path, op: str, before: Path | None, fault: str = "kill", **args
+) -> dict[str, list]:
+    """Run `op` failed (`fault`, see `Injector`) at each step in turn, on copies of the folder
+    `before`; then open every copy and run `op` on it again. Returns the crash steps by what
+    they left: "old" or "new" (the state before or after the write), "broken" (neither),
+    "orphans" (files the opening did not sweep), "unfinished" (running the write again did not
+    reach the new state)."""
+    tmp_path = tmp_path / fault
+    tmp_path.mkdir(parents=True)
     spec = {"op": op, "before": str(before) if before else None, "trials": str(tmp_path / "t")}
+    spec["fault"] = fault
     spec["args"] = args
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     run = subprocess.run(

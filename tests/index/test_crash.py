@@ -49,17 +49,18 @@ def more_photos(tmp_path) -> tuple[Path, Path]:
     return folder, tmp_path / "more.json"
 
 
-def test_an_add_from_another_folder_is_all_or_nothing(index, more_photos, tmp_path):
+@pytest.mark.parametrize("fault", ["kill", "enospc"])
+def test_an_add_from_another_folder_is_all_or_nothing(index, more_photos, tmp_path, fault):
     folder, annotations = more_photos
-    check(
-        crash_every_step(tmp_path, "add", index, images=str(folder), annotations=str(annotations))
-    )
+    args = {"images": str(folder), "annotations": str(annotations)}
+    check(crash_every_step(tmp_path, "add", index, fault, **args))
 
 
-def test_an_upload_is_all_or_nothing(index, more_photos, tmp_path):
+@pytest.mark.parametrize("fault", ["kill", "enospc"])
+def test_an_upload_is_all_or_nothing(index, more_photos, tmp_path, fault):
     folder, _ = more_photos
     files = [str(folder / "a.png"), str(folder / "b.png")]
-    check(crash_every_step(tmp_path, "upload", index, files=files))
+    check(crash_every_step(tmp_path, "upload", index, fault, files=files))
 
 
 def test_the_first_add_to_a_folder_of_the_older_layout_is_all_or_nothing(
@@ -75,4 +76,4 @@ def test_the_first_add_to_a_folder_of_the_older_layout_is_all_or_nothing(
 
 def test_a_build_is_all_or_nothing(corpus_dir, model_dir, tmp_path):
     args = {"images": str(corpus_dir / "images"), "annotations": str(corpus_dir / "captions.json")}
-    check(crash_every_step(tmp_path, "build", None, model=str(model_dir), **args))
+    check(crash_every_step(tmp_path, "build", None, "kill", model=str(model_dir), **args))

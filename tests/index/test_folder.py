@@ -1,6 +1,7 @@
 """Index folders: built, grown without a rebuild, grown by two openers at once, refused to
 another model."""
 
+import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,7 +14,8 @@ from lightningdot.data import Corpus, ImageRecord, read_karpathy
 from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.features import FeatureStore
 from lightningdot.index.build import build_index
-from lightningdot.index.folder import Manifest, Rows
+from lightningdot.index.folder import IndexFolder, Rows
+from lightningdot.index.record import Manifest
 from lightningdot.model.checkpoint import load_model, model_identity
 from lightningdot.model.encoders import BiEncoder
 from lightningdot.retrieval import Retriever
@@ -73,7 +75,7 @@ def test_adds_from_two_openers_of_one_folder_both_stay(
     assert max(len(first.image_index), len(second.image_index)) == len(full.images)
     # An id another opener added meanwhile for another image is refused, not duplicated.
     taken = {"id": full.keys()[-1], "root": "images", "path": "elsewhere.png"}
-    with pytest.raises(DataError, match="already names"):
+    with pytest.raises(DataError, match="taken by another image"):
         first.index.append(Rows(np.zeros((1, first.image_index.dim), np.float32), [taken]))
 
 
@@ -237,3 +239,134 @@ def test_a_build_refuses_a_file_or_an_unknown_factory_before_encoding(
             tmp_path / "x",
             IndexConfig("NOPE"),
         )
+
+
+def test_an_error_after_the_commit_keeps_what_it_committed(
+    corpus_dir, model_dir, tmp_path, monkeypatch
+):
+    """A failure in the sweep after the record is replaced (a folder a sync tool made in
+    uploads/, a Ctrl-C) must not undo the commit."""
+    import lightningdot.index.storage as storage
+
+    index_of_the_first(4, corpus_dir, None, model_dir, tmp_path / "ix")
+    r = Retriever.open(tmp_path / "ix")
+    r.add_uploads([("a.png", png_bytes("teal"))])
+    (tmp_path / "ix" / "uploads" / ".stfolder").mkdir()  # not ours: left alone
+    r.add_uploads([("b.png", png_bytes("navy"))])
+    assert (tmp_path / "ix" / "uploads" / ".stfolder").is_dir()
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(storage, "sweep_uploads", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        r.add_uploads([("c.png", png_bytes("olive"))])
+    assert len(r.image_index) == 7  # what was committed is live
+    monkeypatch.undo()
+    assert len(Retriever.open(tmp_path / "ix").image_index) == 7
+
+
+def test_what_is_not_provably_ours_is_never_swept(corpus_dir, model_dir, tmp_path):
+    full = read_karpathy(corpus_dir / "captions.json")
+    photos = tmp_path / "photos"
+    (photos / "v1").mkdir(parents=True)
+    (photos / "v1" / "beach.jpg").write_bytes(b"a photo")
+    with pytest.raises(DataError, match="not empty and not an index folder"):
+        index_of_saved_model(model_dir, full, corpus_dir, photos)
+    assert sorted(p.name for p in photos.rglob("*")) == ["beach.jpg", "v1"]  # no lock file
+    index_of_saved_model(model_dir, full, corpus_dir, tmp_path / "ix")
+    (tmp_path / "ix" / "v7").mkdir()
+    (tmp_path / "ix" / "v7" / "notes.txt").write_text("mine")
+    (tmp_path / "ix" / "v8" / "images").mkdir(parents=True)  # a killed writer's: swept
+    Retriever.open(tmp_path / "ix")
+    assert (tmp_path / "ix" / "v7" / "notes.txt").is_file() and not (
+        tmp_path / "ix" / "v8"
+    ).exists()
+
+
+def test_uploads_of_the_older_layout_stay_where_their_paths_went_elsewhere(
+    corpus_dir, model_dir, tmp_path
+):
+    """An older release recorded an upload by the path its uploads/ resolved to (a link to a
+    bigger disk, say): found by its name in uploads/, and never swept."""
+    index_of_the_first(4, corpus_dir, None, model_dir, tmp_path / "ix")
+    older = as_older_layout(tmp_path / "ix", tmp_path / "older", {"upload-1.png": png_bytes("red")})
+    items = json.loads((older / "images" / "items.json").read_text())
+    items[-1]["path"] = "/elsewhere/disk/upload-1.png"
+    (older / "images" / "items.json").write_text(json.dumps(items))
+    r = Retriever.open(older)
+    upload = r.image_index.items[r.image_index.row("upload-1.png")]
+    assert r.image_file(upload) == older / "uploads" / "upload-1.png"
+    assert (older / "uploads" / "upload-1.png").is_file()
+
+
+def test_a_folder_is_not_held_while_an_add_encodes(corpus_dir, model_dir, tmp_path, monkeypatch):
+    """A long `ldot index --add` must not block a server's uploads meanwhile."""
+    from filelock import FileLock
+
+    import lightningdot.index.build as build
+
+    full = index_of_the_first(4, corpus_dir, None, model_dir, tmp_path / "ix")
+    real = build.encode_readable
+
+    def encode_and_check(*args, **kwargs):
+        FileLock(tmp_path / "ix" / ".lock").acquire(timeout=0).lock.release()  # free
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build, "encode_readable", encode_and_check)
+    assert Retriever.open(tmp_path / "ix").add_collection(full, corpus_dir / "images").added == 8
+
+
+def test_an_image_is_indexed_once_whatever_folder_names_it(corpus_dir, model_dir, tmp_path):
+    from PIL import Image
+
+    index_of_the_first(4, corpus_dir, None, model_dir, tmp_path / "ix")
+    r = Retriever.open(tmp_path / "ix")
+    parent = Corpus([ImageRecord(f"images/img0{i}.png") for i in range(4)])
+    assert r.add_collection(parent, corpus_dir).added == 0  # the collection's parent folder
+    # A folder named like a subfolder of the collection gets a root name no id starts with.
+    (corpus_dir / "images" / "more").mkdir()
+    Image.new("RGB", (9, 9), "teal").save(corpus_dir / "images" / "more" / "a.png")
+    r.add_collection(Corpus([ImageRecord("more/a.png")]), corpus_dir / "images")
+    (tmp_path / "more").mkdir()
+    Image.new("RGB", (9, 9), "navy").save(tmp_path / "more" / "a.png")
+    assert r.add_collection(Corpus([ImageRecord("a.png")]), tmp_path / "more").added == 1
+    assert r.image_index.row("more-2/a.png") is not None
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"format": 2, "model": "m", "model_id": "x", "parts": {"images": "../../etc"}},
+        {"format": 2, "model": "m", "model_id": "x", "parts": {"images": "/etc"}},
+        {"format": 2, "model": "m", "model_id": "x", "parts": {}, "features": 5},
+        {"format": 2, "model": "m", "model_id": "x", "parts": {"images": "v1/images"}, "x": 1},
+        {"format": 2, "model": 5, "model_id": "x"},
+        {"model": "m", "model_id": "x", "images": ["a"]},
+        [1, 2],
+    ],
+)
+def test_a_damaged_record_is_refused_by_name(tmp_path, record):
+    (tmp_path / "retriever.json").write_text(json.dumps(record))
+    with pytest.raises(DataError, match="damaged index folder record|not an index folder"):
+        IndexFolder.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda meta, items: meta.pop("dim"),
+        lambda meta, items: items[0].pop("id"),
+        lambda meta, items: items[0].update(path=5),
+        lambda meta, items: meta.update(config={"nope": 1}),
+    ],
+)
+def test_damaged_index_metadata_is_refused_by_name(corpus_dir, model_dir, tmp_path, damage):
+    index_of_the_first(2, corpus_dir, None, model_dir, tmp_path / "ix")
+    part = tmp_path / "ix" / Manifest.read(tmp_path / "ix").parts["images"]
+    meta, items = (json.loads((part / f).read_text()) for f in ("index.json", "items.json"))
+    damage(meta, items)
+    (part / "index.json").write_text(json.dumps(meta))
+    (part / "items.json").write_text(json.dumps(items))
+    with pytest.raises(DataError, match="damaged"):
+        IndexFolder.load(tmp_path / "ix")

@@ -19,7 +19,8 @@ from lightningdot.data import Corpus, ImageRecord, read_collection
 from lightningdot.encode import Encoded, RegionSource, encode_readable, encode_texts
 from lightningdot.errors import DataError
 from lightningdot.features import FeatureStore
-from lightningdot.index.folder import CaptionRows, IndexFolder, Manifest, Rows, root_name
+from lightningdot.index.folder import CaptionRows, IndexFolder, Rows, root_name
+from lightningdot.index.record import Manifest
 from lightningdot.index.vector import VectorIndex, priors_of, recall_against_exact
 from lightningdot.model.checkpoint import index_identity, load_model
 from lightningdot.model.encoders import BiEncoder
@@ -124,28 +125,32 @@ def add_collection(
     progress: Progress | None = None,
 ) -> AddReport:
     """Append the corpus's images not yet indexed (and their captions) in one commit, without a
-    rebuild. Run again after an interruption, it adds what the interrupted run did not."""
-    with index.writing():  # the root's name and what is new are decided on what is committed
+    rebuild. Run again after an interruption, it adds what the interrupted run did not.
+
+    What is new is decided on what is committed, then encoded without holding the folder (a
+    server's uploads go on meanwhile), then decided again by the commit itself.
+    """
+    with index.writing():
         root = index.root_for(Path(image_dir))
         prefix = "" if root == index.manifest.primary_root else f"{root}/"
+        items = image_items(corpus.images, root, prefix)
+        where = Path(image_dir).resolve()
         fresh = [
-            im
-            for im, it in zip(corpus.images, image_items(corpus.images, root, prefix), strict=True)
-            if not index.indexed(it)
+            im for im, it in zip(corpus.images, items, strict=True) if not index.indexed(it, where)
         ]
-        if not fresh:
-            return AddReport(0, len(index.image_index))
-        source = RegionSource(model.cfg.backbone, features, image_dir)
-        readable, encoded = _encode(model, Corpus(fresh), source, progress or Silent())
-        added = 0
-        if readable.images:
-            items = image_items(readable.images, root, prefix)
-            captions: CaptionRows | None = None
-            if readable.captions:
-                captions = (encode_texts(model, readable.captions).numpy(), caption_items(items))
-            rows = Rows(encoded.vectors.numpy(), items, captions, (root, str(image_dir.resolve())))
-            added = sum(index.append(rows))
-        return AddReport(added, len(index.image_index), encoded.failed)
+    if not fresh:
+        return AddReport(0, len(index.image_index))
+    source = RegionSource(model.cfg.backbone, features, image_dir)
+    readable, encoded = _encode(model, Corpus(fresh), source, progress or Silent())
+    added = 0
+    if readable.images:
+        items = image_items(readable.images, root, prefix)
+        captions: CaptionRows | None = None
+        if readable.captions:
+            captions = (encode_texts(model, readable.captions).numpy(), caption_items(items))
+        rows = Rows(encoded.vectors.numpy(), items, captions, (root, str(where)))
+        added = sum(index.append(rows))
+    return AddReport(added, len(index.image_index), encoded.failed)
 
 
 def index_images(
@@ -161,10 +166,13 @@ def index_images(
     """`ldot index`: the images an annotation file names (with their captions), or every image
     under `image_dir`, into the index folder `out`, by `model` (default: "default")."""
     corpus = read_collection(image_dir, annotations, split)
-    net = load_model(model or "default")
+    model = model or "default"
+    net = load_model(model)
+    if Path(model).is_dir():  # recorded so that the folder opens from any working directory
+        model = str(Path(model).resolve())
     store = FeatureStore(features) if features is not None else None
     cfg = IndexConfig(factory=factory)
-    return build_index(net, model or "default", corpus, image_dir, out, cfg, store, progress)
+    return build_index(net, model, corpus, image_dir, out, cfg, store, progress)
 
 
 def add_images(

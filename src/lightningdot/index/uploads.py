@@ -61,15 +61,16 @@ def add_uploads(
     for n, key in enumerate(ids):
         first.setdefault(key, n)
     added: set[str] = set()
-    with index.writing():  # what is new is decided on what is committed
-        fresh = {key: n for key, n in first.items() if index.image_index.row(key) is None}
-        if fresh:
-            items = [
-                {"id": key, "root": UPLOADS, "path": key, "filename": uploads[n][0]}
-                for key, n in fresh.items()
-            ]
-            vectors = encode([decoded[n] for n in fresh.values()])
-            files = {key: uploads[n][1] for key, n in fresh.items()}
-            new = index.append(Rows(vectors, items, root=(UPLOADS, UPLOADS), uploads=files))
-            added = {key for key, is_new in zip(fresh, new, strict=True) if is_new}
+    # Those not indexed when the request came are encoded, without holding the folder; the
+    # commit decides again, on what is committed then.
+    fresh = {key: n for key, n in first.items() if index.image_index.row(key) is None}
+    if fresh:
+        items = [
+            {"id": key, "root": UPLOADS, "path": key, "filename": uploads[n][0]}
+            for key, n in fresh.items()
+        ]
+        vectors = encode([decoded[n] for n in fresh.values()])
+        files = {key: uploads[n][1] for key, n in fresh.items()}
+        new = index.append(Rows(vectors, items, root=(UPLOADS, UPLOADS), uploads=files))
+        added = {key for key, is_new in zip(fresh, new, strict=True) if is_new}
     return [(key, key in added and first[key] == n) for n, key in enumerate(ids)]

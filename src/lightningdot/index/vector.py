@@ -215,8 +215,10 @@ class VectorIndex:
         missing = f"not an index folder (no index.json): {folder}"
         manifest = read_json(folder / "index.json", "index metadata", missing)
         items = read_json(folder / "items.json", "index items")
-        if manifest.get("format") != FORMAT:
-            raise DataError(f"{folder}: unknown index format {manifest.get('format')!r}")
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else manifest
+            raise DataError(f"{folder}: unknown index format {found!r}")
+        _check_metadata(folder, manifest, items)
         if model_id is not None and manifest["model_id"] != model_id:
             raise ConfigMismatchError(
                 f"index {folder} was made by model {manifest['model_id'][:12]}, not by the loaded "
@@ -229,8 +231,38 @@ class VectorIndex:
                 f"{folder}: index.faiss has {index.ntotal} x {index.d}, index.json says "
                 f"{manifest['count']} x {manifest['dim']}{' + prior' if prior is not None else ''}"
             )
-        config = from_dict(IndexConfig, manifest["config"])
+        try:
+            config = from_dict(IndexConfig, manifest["config"])
+        except (TypeError, ValueError, DataError) as e:
+            raise DataError(f"{folder}: damaged index.json ({e})") from e
         return cls(index, items, manifest["model_id"], config, prior)
+
+
+def _check_metadata(folder: Path, manifest: dict, items: Any) -> None:
+    """Refuse metadata another writer (or a hand) left malformed, naming the folder.
+
+    Raises:
+        DataError: a key of index.json is missing or of the wrong type, or an item is not an
+            object with a string id (and a string path, when it has one).
+    """
+    types = {"model_id": str, "dim": int, "count": int, "config": dict}
+    if any(not isinstance(manifest.get(k), t) for k, t in types.items()):
+        raise DataError(f"{folder}: damaged index.json (needs {', '.join(types)})")
+    prior = manifest.get("prior", {"bank": 0, "beta": 0.0})
+    if not (
+        isinstance(prior, dict)
+        and isinstance(prior.get("bank"), int)
+        and isinstance(prior.get("beta"), int | float)
+    ):
+        raise DataError(f"{folder}: damaged index.json (prior)")
+    well_formed = isinstance(items, list) and all(
+        isinstance(it, dict)
+        and isinstance(it.get("id"), str)
+        and isinstance(it.get("path", ""), str)
+        for it in items
+    )
+    if not well_formed:
+        raise DataError(f"{folder}: damaged items.json (each item needs a string id)")
 
 
 def _check_ids(items: list[dict], held=lambda _: None) -> None:
