@@ -18,6 +18,15 @@ from safetensors.torch import save_file
 from lightningdot.errors import DataError
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)  # the only way to read it sets it: done once, before any thread
+    os.umask(umask)
+    return umask
+
+
+UMASK = _read_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path in the same folder; rename it over `path` only on success.
@@ -30,13 +39,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
         yield tmp_path
         # mkstemp makes 0600, and some writers (safetensors) replace the file with another 0600
         # one: set the mode a file written in place would have, after writing.
-        os.chmod(tmp_path, 0o666 & ~umask)
+        os.chmod(tmp_path, 0o666 & ~UMASK)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
