@@ -291,7 +291,7 @@ def export(
 def serve(
     index_dir: IndexDir,
     host: Annotated[str, opt("Address to bind (0.0.0.0 for every interface).")] = "127.0.0.1",
-    port: int = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     model: IndexModel = None,
     reranker: Annotated[
         str,
@@ -300,8 +300,12 @@ def serve(
             '"none": no re-ranking.'
         ),
     ] = "auto",
-    max_upload_mb: Annotated[float, opt("Largest upload per request.")] = 10.0,
-    max_batch: Annotated[int, opt("Text queries encoded together at most.")] = 32,
+    max_upload_mb: Annotated[
+        float, typer.Option(min=0.001, help="Largest upload per request.")
+    ] = 10.0,
+    max_batch: Annotated[
+        int, typer.Option(min=1, help="Text queries encoded together at most.")
+    ] = 32,
     threads: Annotated[
         int, typer.Option(min=0, help="Threads for the model's arithmetic (0: torch's default).")
     ] = 0,

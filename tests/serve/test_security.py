@@ -261,3 +261,21 @@ def test_in_a_browser_the_page_adds_and_another_site_cannot(live_server, open_br
     assert httpx.get(f"{live_server}/healthz").json()["images"] == 9
     metrics = httpx.get(f"{live_server}/metrics").text
     assert 'method="POST",route="unmatched",status="403"' in metrics  # refused by the server
+
+
+def test_serve_refuses_an_address_in_use_and_ports_out_of_range(index_dir):
+    import socket
+
+    from typer.testing import CliRunner
+
+    from lightningdot.cli import app
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = CliRunner().invoke(app, ["serve", str(index_dir), "--port", str(port)])
+    assert r.exit_code == 2 and "address already in use" in r.output.lower(), r.output
+    for bad in (["--port", "65536"], ["--max-batch", "0"], ["--max-upload-mb", "0"]):
+        r = CliRunner().invoke(app, ["serve", str(index_dir), *bad])
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output

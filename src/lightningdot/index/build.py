@@ -21,6 +21,7 @@ from lightningdot.errors import DataError
 from lightningdot.features import FeatureStore
 from lightningdot.index.folder import CaptionRows, IndexFolder, Rows, root_name
 from lightningdot.index.record import Manifest
+from lightningdot.index.storage import check_buildable
 from lightningdot.index.vector import VectorIndex, priors_of, recall_against_exact
 from lightningdot.model.checkpoint import index_identity, load_model
 from lightningdot.model.encoders import BiEncoder
@@ -89,6 +90,7 @@ def build_index(
             `IndexFolder.create`).
     """
     cfg = cfg or IndexConfig()
+    check_buildable(Path(out))  # before any encoding (it checks again under the lock)
     image_prior, caption_prior = priors_of(model.bank)
     VectorIndex.check_factory(cfg.factory, model.cfg.embed_dim + (image_prior is not None))
     source = RegionSource(model.cfg.backbone, features, image_dir)

@@ -96,10 +96,7 @@ def query_routes(service: Service) -> APIRouter:
         received = time.perf_counter()
 
         def work() -> ImageAnswer:
-            try:
-                image = load_image(data)
-            except LightningDotError as e:
-                raise LightningDotError(f"{name}: not an image this server can decode") from e
+            image = load_image(data, name=name)  # its errors name the upload
             targets = ("captions", "images") if has_captions else ("images",)
             return retriever.search_image_all([image], k, rerank, targets, [received])[0]
 

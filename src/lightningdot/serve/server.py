@@ -3,6 +3,7 @@ uvicorn until stopped."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 import uvicorn
 
 from lightningdot.config import ServeConfig
+from lightningdot.errors import DataError
 from lightningdot.retrieval import Retriever
 from lightningdot.serve.app import create_app
 from lightningdot.serve.security import write_policy
@@ -31,6 +33,7 @@ def serve_index(
     `reranker`); `threads`: the model's arithmetic threads (0: torch's default); `api_key`:
     what the routes that change the index require (see `write_policy`)."""
     writes = write_policy(host, api_key)
+    check_can_listen(host, port)  # before the model loads, and in our words, not uvicorn's
     if threads:
         torch.set_num_threads(threads)
     retriever = Retriever.open(index_dir, model, reranker=reranker)
@@ -44,3 +47,21 @@ def serve_index(
     app = create_app(retriever, cfg, writes)
     level = "info" if access_log else "warning"  # uvicorn logs requests at info
     uvicorn.run(app, host=host, port=port, access_log=access_log, log_level=level)
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Refuse an address this process cannot listen on (in use, not this machine's).
+
+    Raises:
+        DataError: naming the address and why.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise DataError(f"cannot listen on {host}: {e.strerror}") from e
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise DataError(f"cannot listen on {host}:{port}: {e.strerror}") from e
