@@ -1072,18 +1072,6 @@ def tiny_model(out: Path) -> Path:
     return out
 
 
-def more_photos(root: Path) -> tuple[Path, Path]:
-    """Another folder of three captioned images, `a.png` among them as in the collection."""
-    folder = root / "more_photos"
-    folder.mkdir()
-    entries = []
-    for name, colour in [("a.png", "teal"), ("b.png", "navy"), ("img00.png", "pink")]:
-        Image.new("RGB", (20, 20), colour).save(folder / name)
-        sentences = [{"raw": f"a {colour} picture"}, {"raw": f"{colour} things"}]
-        entries.append({"filename": name, "split": "train", "sentences": sentences})
-    return folder, write_annotations(root / "more.json", entries)
-
-
 def crash_ops(root: Path) -> list[tuple[str, str, Path | None, dict, tuple[str, ...]]]:
     """(what, op, folder before, op's arguments, faults) of each write the tests fail: killed
     at a step, and, for the writes a served index takes, that step failing as a full disk."""
@@ -1095,6 +1083,8 @@ def crash_ops(root: Path) -> list[tuple[str, str, Path | None, dict, tuple[str, 
     corpus = read_karpathy(corpus_dir / "captions.json")
     index = root / "index"
     index_of_saved_model(model_dir, Corpus(corpus.images[:4]), corpus_dir, index)
+    from tests.helpers import more_photos
+
     folder, annotations = more_photos(root)
     add = {"images": str(folder), "annotations": str(annotations)}
     older = as_older_layout(index, root / "older", {"upload-1234.png": png((12, 12))})

@@ -124,3 +124,21 @@ def as_older_layout(folder: Path, out: Path, uploads: dict[str, bytes] | None = 
     record["images"] = manifest.roots[manifest.primary_root]
     (out / "retriever.json").write_text(json.dumps(record))
     return out
+
+
+def more_photos(root: Path) -> tuple[Path, Path]:
+    """`root/more_photos/`: another folder of three captioned images, `img00.png` among them as
+    in the tiny collection; returns it and its Karpathy file."""
+    import json
+
+    from PIL import Image
+
+    folder = root / "more_photos"
+    folder.mkdir()
+    entries = []
+    for name, colour in [("a.png", "teal"), ("b.png", "navy"), ("img00.png", "pink")]:
+        Image.new("RGB", (20, 20), colour).save(folder / name)
+        sentences = [{"raw": f"a {colour} picture"}, {"raw": f"{colour} things"}]
+        entries.append({"filename": name, "split": "train", "sentences": sentences})
+    (root / "more.json").write_text(json.dumps({"images": entries}))
+    return folder, root / "more.json"

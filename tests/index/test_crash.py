@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from lightningdot.data import Corpus, read_karpathy
-from lightningdot.io import write_json
+from tests import helpers
 from tests.helpers import as_older_layout, index_of_saved_model
 from tests.index.crash import crash_every_step
 
@@ -37,16 +37,7 @@ def index(corpus_dir, model_dir, tmp_path) -> Path:
 
 @pytest.fixture
 def more_photos(tmp_path) -> tuple[Path, Path]:
-    """Another folder of three captioned images, `a.png` among them as in the collection."""
-    folder = tmp_path / "more_photos"
-    folder.mkdir()
-    entries = []
-    for name, colour in [("a.png", "teal"), ("b.png", "navy"), ("img00.png", "pink")]:
-        Image.new("RGB", (20, 20), colour).save(folder / name)
-        sentences = [{"raw": f"a {colour} picture"}, {"raw": f"{colour} things"}]
-        entries.append({"filename": name, "split": "train", "sentences": sentences})
-    write_json(tmp_path / "more.json", {"images": entries})
-    return folder, tmp_path / "more.json"
+    return helpers.more_photos(tmp_path)
 
 
 @pytest.mark.parametrize("fault", ["kill", "enospc"])
