@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,10 @@ import torch
 from PIL import Image
 
 from tests.helpers import COLOURS, tiny_model_config, write_store
+
+# Tests run the encoders on eager PyTorch, the reference, unless told otherwise: the faster
+# runtimes are tested against it in tests/test_runtime.py. Subprocesses inherit this.
+os.environ.setdefault("LDOT_RUNTIME", "eager")
 
 
 @pytest.fixture

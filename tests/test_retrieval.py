@@ -128,11 +128,20 @@ def test_rerank_reorders_the_dot_top_k_by_fused_scores(corpus_dir, model_dir, tm
         q, store.batch([x.id for x in top]), torch.tensor([x.score for x in top])
     )
     want = [top[j].id for j in torch.argsort(fused, descending=True).tolist()[:2]]
+    # From the states the folder keeps (float16): the answer of the regions, scores within
+    # float16's rounding.
+    assert r.index.states is not None
     assert [x.id for x in ranked.results] == want
+    best = torch.sort(fused, descending=True).values[:2].tolist()
+    assert [x.score for x in ranked.results] == pytest.approx(best, abs=1e-2)
     assert set(ranked.timing_ms) == {"encode", "search", "rerank", "total"}
-    # Without a feature store the candidates' regions come from their files: the same answer.
-    r.regions.store = None
+    # Without states, from the feature store; without either, from the files (with a warning
+    # naming the cost): the same answer.
+    r.index.states = None
     assert [x.id for x in r.search_text([q], k=2, rerank=4)[0].results] == want
+    r.regions.store = None
+    with pytest.warns(RuntimeWarning, match="keeps no region states"):
+        assert [x.id for x in r.search_text([q], k=2, rerank=4)[0].results] == want
     (caps,) = r.search_image([corpus_dir / "images" / "img03.png"], k=3, rerank=5)
     assert len(caps.results) == 3
     with pytest.raises(DataError, match="re-ranker"):

@@ -41,6 +41,13 @@ Rerank = Annotated[int, opt("Re-rank each query's top K with cross-attention (0:
 RerankerName = Annotated[str, opt("Shipped re-ranker name or folder (with --rerank).")]
 JsonOut = Annotated[Path | None, opt("Write the results here.", "--json")]
 IndexDir = Annotated[Path, typer.Argument(help="Index folder from `ldot index`.")]
+Runtime = Annotated[
+    str,
+    opt(
+        'What runs the encoders: onnx, onnx-int8 or eager (PyTorch); "auto": $LDOT_RUNTIME, '
+        "else onnx."
+    ),
+]
 
 
 @contextlib.contextmanager
@@ -163,14 +170,16 @@ def evaluate(
     reranker: RerankerName = "default",
     json_out: JsonOut = None,
     prior: Annotated[bool, opt("Rank with the model's query-bank prior, when it has one.")] = True,
+    runtime: Runtime = "auto",
 ) -> None:
     """Recall@1/5/10 both ways and AR of a model on one split."""
+    from lightningdot.config import RuntimeConfig
     from lightningdot.evaluation.evaluate import evaluate_split
 
     with user_errors(), show.progress_bar() as bar:
         args = (annotations, images, split, model, features, rerank, reranker, prior)
         progress = show.Bar(bar)
-        metrics = evaluate_split(*args, progress, progress.say)
+        metrics = evaluate_split(*args, progress, progress.say, RuntimeConfig(runtime))
     with user_errors():  # a --json path that cannot be written
         show.print_metrics(metrics, json_out)
 
@@ -214,16 +223,26 @@ def index(
     factory: Annotated[str, opt('FAISS factory string, e.g. "HNSW32".')] = "Flat",
     features: Features = None,
     add: Annotated[bool, opt("Add new images to an existing index.", "--add")] = False,
+    runtime: Runtime = "auto",
+    states: Annotated[
+        bool,
+        opt(
+            "Keep what re-ranking reads of each image (about 63 KB per image), so that it "
+            "needs neither the image files nor a feature store (with --add: as the index was built)."
+        ),
+    ] = True,
 ) -> None:
     """Encode a collection into a FAISS index (images, and captions when known)."""
+    from lightningdot.config import RuntimeConfig
     from lightningdot.index.build import add_images, index_images
 
     with user_errors(), show.progress_bar() as bar:
+        run_on, progress = RuntimeConfig(runtime), show.Bar(bar)
         if add:
-            report = add_images(out, images, annotations, split, model, features, show.Bar(bar))
+            report = add_images(out, images, annotations, split, model, features, progress, run_on)
         else:
             report = index_images(
-                out, images, annotations, split, model, factory, features, show.Bar(bar)
+                out, images, annotations, split, model, factory, features, progress, run_on, states
             )
     if add:
         show.console.print(f"added {report.added} new image(s); {report.total} in {out}")
@@ -247,14 +266,17 @@ def search(
     rerank: Rerank = 0,
     reranker: RerankerName = "default",
     json_out: Annotated[bool, opt("Print JSON instead of tables.", "--json")] = False,
+    runtime: Runtime = "auto",
 ) -> None:
     """Search an index with text queries, or with image files."""
+    from lightningdot.config import RuntimeConfig
     from lightningdot.retrieval import Retriever
 
     with user_errors():
         if not queries and not image:
             raise LightningDotError("give a text query or --image FILE")
-        retriever = Retriever.open(index_dir, model, reranker=reranker if rerank > 0 else None)
+        cross = reranker if rerank > 0 else None
+        retriever = Retriever.open(index_dir, model, reranker=cross, runtime=RuntimeConfig(runtime))
         if image:
             labels = [str(p) for p in image]
             target = "images" if similar else "captions"
@@ -310,6 +332,7 @@ def serve(
         int, typer.Option(min=0, help="Threads for the model's arithmetic (0: torch's default).")
     ] = 0,
     access_log: Annotated[bool, opt("Log every request.")] = True,
+    runtime: Runtime = "auto",
     api_key: Annotated[
         str | None,
         typer.Option(
@@ -344,6 +367,7 @@ def serve(
             access_log,
             show.console.print,
             api_key=api_key,
+            runtime=runtime,
         )
 
 

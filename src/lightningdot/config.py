@@ -328,6 +328,28 @@ class IndexConfig:
             raise ValueError("nprobe and ef_search must be positive")
 
 
+RUNTIMES = ("auto", "onnx", "onnx-int8", "eager")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """What runs the encoders' forward passes at inference (`lightningdot.runtime`)."""
+
+    # "onnx": ONNX Runtime on a float32 export; "onnx-int8": on its dynamic int8 quantisation;
+    # "eager": PyTorch as trained; "auto": $LDOT_RUNTIME when set, else "onnx".
+    kind: str = "auto"
+    threads: int = 0  # intra-op threads of a runtime session (0: torch's thread count)
+
+    def __post_init__(self) -> None:
+        if self.kind not in RUNTIMES:
+            raise DataError(f"runtime must be one of {', '.join(RUNTIMES)}, not {self.kind!r}")
+        if self.threads < 0:
+            raise DataError("runtime threads must be >= 0")
+
+
+AUTO_RUNTIME = RuntimeConfig()  # the default: ONNX Runtime unless $LDOT_RUNTIME says otherwise
+
+
 @dataclass
 class ServeConfig:
     """Limits of the HTTP service (`ldot serve`); requests beyond them get a 4xx."""

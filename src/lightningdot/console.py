@@ -86,8 +86,15 @@ def print_skipped(failed: list[tuple[str, str]]) -> None:
 
 
 def print_built(built, factory: str, out: Path) -> None:
-    counts = ", ".join(f"{len(ix)} {name}" for name, ix in built.indexes.items())
+    indexes = {k: v for k, v in built.indexes.items() if k != "states"}
+    counts = ", ".join(f"{len(ix)} {name}" for name, ix in indexes.items())
     console.print(escape(f"{counts} -> {out}"))
+    if "states" in built.indexes:
+        states = built.indexes["states"]
+        console.print(
+            f"kept for re-ranking: {states.nbytes / 2**20:.1f} MiB of region states "
+            f"({states.nbytes / max(len(states), 1) / 1024:.0f} KiB per image; --no-states leaves them out)"
+        )
     if built.recall_at_10 is not None:
         console.print(
             f"{escape(factory)}: recall@10 against exact search = {built.recall_at_10:.3f} "

@@ -85,7 +85,7 @@ def run_demo(model_name: str = "default", k: int = 3) -> tuple[list[DemoResult],
     if not names:
         raise DataError(f"no sample photos found in {folder}")
     model = load_model(model_name)
-    source = RegionSource(model.cfg.backbone, root=folder)
+    source = RegionSource.of(model, root=folder)
     _ = source.backbone  # loaded before the clock starts: the figure is the encoding alone
     t0 = time.perf_counter()
     image_vecs = encode_collection(model, source, names)

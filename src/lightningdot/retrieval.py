@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lightningdot.config import AUTO_RUNTIME, RuntimeConfig
 from lightningdot.data import Corpus
-from lightningdot.encode import ImageInput, RegionSource
+from lightningdot.encode import ImageInput, RegionSource, StateRows
 from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.features import FeatureStore, RegionBatch
 from lightningdot.index.build import AddReport, add_collection
@@ -33,6 +35,7 @@ from lightningdot.model.checkpoint import load_model, load_reranker
 from lightningdot.model.encoders import BiEncoder
 from lightningdot.model.reranker import Reranker
 from lightningdot.progress import Progress
+from lightningdot.runtime import accelerate
 
 TARGETS = ("captions", "images")  # what an image query can search
 
@@ -121,6 +124,14 @@ def reorder(results: list[Result], scores: torch.Tensor) -> list[Result]:
     return [dataclasses.replace(results[j], score=float(scores[j])) for j in order]
 
 
+def slow_rerank_warning(folder: Path) -> str:
+    return (
+        f"{folder} keeps no region states (built before they were kept, or with --no-states) "
+        "and no feature store: re-ranking decodes every candidate's image file and runs the "
+        "backbone on it, seconds per query on a CPU; build the index again to keep them"
+    )
+
+
 def open_reranker(name: str | None, bi: BiEncoder) -> Reranker | None:
     """A re-ranker over `bi` by name or folder; "auto": the shipped one when it was trained on
     `bi`, else none; None or "none": none."""
@@ -144,7 +155,8 @@ class Retriever:
     def __init__(self, model: BiEncoder, index: IndexFolder, reranker: Reranker | None = None):
         self.model, self.index, self.reranker = model, index, reranker
         # No root: the index folder gives each image's file (`IndexFolder.file_of`).
-        self.regions = RegionSource(model.cfg.backbone, index.features)
+        self.regions = RegionSource.of(model, index.features)
+        self._warned_files = False
 
     @classmethod
     def open(
@@ -153,12 +165,14 @@ class Retriever:
         model: str | BiEncoder | None = None,
         mmap: bool = True,
         reranker: str | None = None,
+        runtime: RuntimeConfig = AUTO_RUNTIME,
     ) -> Retriever:
         """Load an index folder and its model (by default the one recorded in the folder), and
         optionally a re-ranker for that model: a shipped name, a folder, or "auto" (the
-        shipped one if it fits the model)."""
+        shipped one if it fits the model). The model's encoders run on `runtime`."""
         if not isinstance(model, BiEncoder):
             model = load_model(model or Manifest.read(Path(folder)).model)
+        accelerate(model, runtime)
         index = IndexFolder.open(folder, model, mmap)
         return cls(model, index, open_reranker(reranker, model))
 
@@ -201,11 +215,18 @@ class Retriever:
         top = results[:depth]
         return reorder(top, rescore(top, torch.tensor([r.score for r in top])))
 
-    def candidate_regions(self, results: list[Result]) -> RegionBatch:
-        """Regions of indexed images, from the feature store when it has them, else from files."""
-        index = self.image_index
-        files = [str(self.image_file(index.items[index.row(r.id)])) for r in results]
-        return self.regions.regions([r.id for r in results], files)
+    def candidate_states(self, results: list[Result]) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the re-ranker reads of indexed images: their states, as the folder keeps them;
+        else from their regions (from the feature store when it has them, else their files)."""
+        index, states = self.image_index, self.index.states
+        rows = [index.row(r.id) for r in results]
+        if states is not None:
+            return states.gather(rows)
+        if not self._warned_files and self.regions.store is None:
+            warnings.warn(slow_rerank_warning(self.folder), RuntimeWarning, stacklevel=2)
+            self._warned_files = True
+        files = [str(self.image_file(index.items[row])) for row in rows]
+        return self.reranker.image_states(self.regions.regions([r.id for r in results], files))
 
     @torch.inference_mode()
     def search_text(
@@ -237,13 +258,21 @@ class Retriever:
 
     def _image_rescorer(self, query: str):
         def rescore(top: list[Result], dot: torch.Tensor) -> torch.Tensor:
-            return self.reranker.rerank_images(query, self.candidate_regions(top), dot)
+            return self.reranker.rerank_states(query, self.candidate_states(top), dot)
 
         return rescore
 
     @torch.inference_mode()
     def encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
         return self.model.encode_image(self.regions.of_images(images))
+
+    @torch.inference_mode()
+    def _rows_of(self, images: Sequence[ImageInput]) -> tuple[np.ndarray, StateRows | None]:
+        """Images to add: their vectors, and their states when the folder keeps them."""
+        regions = self.regions.of_images(images)
+        vectors, states = self.model.encode_image_states(regions)
+        kept = StateRows.of(states, regions) if self.index.states is not None else None
+        return vectors.numpy(), kept
 
     def search_image(
         self, queries: Sequence[ImageInput], k: int = 10, target: str = "captions", rerank: int = 0
@@ -325,6 +354,6 @@ class Retriever:
         """Index uploaded image files, all or none: `(filename, bytes)` each (see
         `lightningdot.index.uploads`); `received`: when the request arrived."""
         clock = Stopwatch()
-        added = add_uploads(self.index, uploads, lambda ims: self.encode_images(ims).numpy())
+        added = add_uploads(self.index, uploads, self._rows_of)
         clock.lap("add")
         return Added(added, clock.timing(received))

@@ -5,8 +5,8 @@
 runs the write SPEC names once per crash point, each time on a fresh copy of its folder, in a
 child process that kills itself (SIGKILL: no cleanup runs) at its N-th file operation, for
 N = 1, 2, ... until a run gets through. Every call that changes the file system counts as one
-step: opening a file for writing, each write to it, fsync, rename and replace, unlink, rmdir,
-mkdir, and FAISS writing an index file. A write is torn: the step writes half its bytes, then
+step: opening a file for writing, each write to it, fsync, rename and replace, a hard link,
+unlink, rmdir, mkdir, and FAISS writing an index file. A write is torn: the step writes half its bytes, then
 dies; so is an index file FAISS writes.
 
 SPEC: {"op": a name in OPS, "before": the folder to copy (absent: none), "trials": the folder
@@ -63,7 +63,7 @@ class Injector:
         raise OSError(errno.ENOSPC, "No space left on device (injected)")
 
     def install(self) -> None:
-        for name in ("replace", "rename", "unlink", "remove", "rmdir", "mkdir", "fsync"):
+        for name in ("replace", "rename", "unlink", "remove", "rmdir", "mkdir", "fsync", "link"):
             setattr(os, name, self._before(getattr(os, name)))
         os.open = self._os_open(os.open)
         builtins.open = io.open = self._open(io.open)

@@ -143,6 +143,6 @@ def bench_split(
     net = load_model(model)
     cross = load_reranker(reranker, bi=net)
     store = FeatureStore(features) if features is not None else None
-    source = RegionSource(net.cfg.backbone, store, image_dir)
+    source = RegionSource.of(net, store, image_dir)
     regions = concat_batches(list(source.batches(corpus.keys())))
     return run_bench(cross, corpus, regions, rerank_k, n_queries, n_full_queries, with_recall)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from lightningdot.config import AUTO_RUNTIME, RuntimeConfig
 from lightningdot.data import Corpus, read_karpathy
 from lightningdot.encode import RegionSource, encode_regions, encode_texts
 from lightningdot.errors import DataError
@@ -22,6 +23,7 @@ from lightningdot.model.reranker import (
     vectors_of_states,
 )
 from lightningdot.progress import Progress, Silent
+from lightningdot.runtime import accelerate
 
 
 def evaluate_model(model: BiEncoder, corpus: Corpus, regions: Iterable[RegionBatch]) -> dict:
@@ -95,25 +97,24 @@ def evaluate_split(
     prior: bool = True,
     progress: Progress | None = None,
     log: Callable[[str], None] = print,
+    runtime: RuntimeConfig = AUTO_RUNTIME,
 ) -> dict:
     """`ldot evaluate`: a model (and with `rerank=K`, its re-ranker over each query's top K) on
     one split of an annotation file, the regions from `features` or else from the image files.
-    `prior=False` ranks by the dot product alone."""
+    `prior=False` ranks by the dot product alone; the encoders run on `runtime`."""
     corpus = read_karpathy(annotations, split)
     if not image_dir.is_dir():
         raise DataError(f"image folder not found: {image_dir}")
     if rerank < 0:
         raise DataError("--rerank must be >= 0")
-    net = load_model(model)
+    net = accelerate(load_model(model), runtime)
     if not prior:
         net.bank = None
     cross = load_reranker(reranker, bi=net) if rerank else None
     store = FeatureStore(features) if features is not None else None
     progress = progress or Silent()
     progress.start(len(corpus.images), "encoding images")
-    regions = RegionSource(net.cfg.backbone, store, image_dir).batches(
-        corpus.keys(), progress=progress
-    )
+    regions = RegionSource.of(net, store, image_dir).batches(corpus.keys(), progress=progress)
     if cross is None:
         return evaluate_model(net, corpus, regions)
     gallery = concat_batches(list(regions))

@@ -14,18 +14,20 @@ from pathlib import Path
 
 import numpy as np
 
-from lightningdot.config import IndexConfig
+from lightningdot.config import AUTO_RUNTIME, IndexConfig, RuntimeConfig
 from lightningdot.data import Corpus, ImageRecord, read_collection
 from lightningdot.encode import Encoded, RegionSource, encode_readable, encode_texts
 from lightningdot.errors import DataError
 from lightningdot.features import FeatureStore
 from lightningdot.index.folder import CaptionRows, IndexFolder, Rows, root_name
 from lightningdot.index.record import Manifest
+from lightningdot.index.states import RegionStates
 from lightningdot.index.storage import check_buildable
 from lightningdot.index.vector import VectorIndex, priors_of, recall_against_exact
 from lightningdot.model.checkpoint import index_identity, load_model
 from lightningdot.model.encoders import BiEncoder
 from lightningdot.progress import Progress, Silent
+from lightningdot.runtime import accelerate
 
 
 def image_items(images: list[ImageRecord], root: str, prefix: str = "") -> list[dict]:
@@ -45,7 +47,7 @@ def caption_items(items: list[dict]) -> list[dict]:
 
 @dataclass
 class BuildReport:
-    indexes: dict[str, VectorIndex]
+    indexes: dict[str, VectorIndex | RegionStates]
     recall_at_10: float | None = None  # of an approximate image index against exact search
     recall_queries: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (key, why) of images skipped
@@ -59,11 +61,11 @@ class AddReport:
 
 
 def _encode(
-    model: BiEncoder, corpus: Corpus, source: RegionSource, progress: Progress
+    model: BiEncoder, corpus: Corpus, source: RegionSource, progress: Progress, states: bool
 ) -> tuple[Corpus, Encoded]:
-    """The images that decode (as a corpus) and their vectors."""
+    """The images that decode (as a corpus) and their vectors (and, with `states`, theirs)."""
     progress.start(len(corpus.images), "encoding images")
-    encoded = encode_readable(model, source, corpus.keys(), progress)
+    encoded = encode_readable(model, source, corpus.keys(), progress, states)
     return Corpus([corpus.images[n] for n in encoded.kept]), encoded
 
 
@@ -77,13 +79,15 @@ def build_index(
     features: FeatureStore | None = None,
     progress: Progress | None = None,
     recall_sample: int = 1000,
+    states: bool = True,
 ) -> BuildReport:
     """Encode a collection (reusing stored features when given) into the index folder `out`,
     new or replaced whole in one commit.
 
     With an approximate factory, also measures recall@10 of the image index against exact search
     on up to `recall_sample` queries (the captions when known, else the images themselves).
-    A model with a query bank gives both indexes its priors.
+    A model with a query bank gives both indexes its priors. With `states`, the folder also
+    keeps what re-ranking reads of each image (`lightningdot.index.states`).
 
     Raises:
         DataError: no image decodes, or `out` is not a folder a build may write (see
@@ -93,8 +97,8 @@ def build_index(
     check_buildable(Path(out))  # before any encoding (it checks again under the lock)
     image_prior, caption_prior = priors_of(model.bank)
     VectorIndex.check_factory(cfg.factory, model.cfg.embed_dim + (image_prior is not None))
-    source = RegionSource(model.cfg.backbone, features, image_dir)
-    corpus, encoded = _encode(model, corpus, source, progress or Silent())
+    source = RegionSource.of(model, features, image_dir)
+    corpus, encoded = _encode(model, corpus, source, progress or Silent(), states)
     if not corpus.images:
         raise DataError(f"none of the images under {image_dir} could be read")
     identity = index_identity(model)
@@ -102,6 +106,8 @@ def build_index(
     items = image_items(corpus.images, root_name(root))
     images = VectorIndex.build(vectors, items, identity, cfg, image_prior)
     report = BuildReport({"images": images}, failed=encoded.failed)
+    if encoded.states is not None:
+        report.indexes["states"] = RegionStates.build(encoded.states)
     queries = vectors
     if corpus.captions:
         queries = encode_texts(model, corpus.captions).numpy()
@@ -142,15 +148,18 @@ def add_collection(
         ]
     if not fresh:
         return AddReport(0, len(index.image_index))
-    source = RegionSource(model.cfg.backbone, features, image_dir)
-    readable, encoded = _encode(model, Corpus(fresh), source, progress or Silent())
+    source = RegionSource.of(model, features, image_dir)
+    keeps = index.states is not None
+    readable, encoded = _encode(model, Corpus(fresh), source, progress or Silent(), keeps)
     added = 0
     if readable.images:
         items = image_items(readable.images, root, prefix)
         captions: CaptionRows | None = None
         if readable.captions:
             captions = (encode_texts(model, readable.captions).numpy(), caption_items(items))
-        rows = Rows(encoded.vectors.numpy(), items, captions, (root, str(where)))
+        rows = Rows(
+            encoded.vectors.numpy(), items, captions, (root, str(where)), states=encoded.states
+        )
         added = sum(index.append(rows))
     return AddReport(added, len(index.image_index), encoded.failed)
 
@@ -164,17 +173,20 @@ def index_images(
     factory: str = "Flat",
     features: Path | None = None,
     progress: Progress | None = None,
+    runtime: RuntimeConfig = AUTO_RUNTIME,
+    states: bool = True,
 ) -> BuildReport:
     """`ldot index`: the images an annotation file names (with their captions), or every image
-    under `image_dir`, into the index folder `out`, by `model` (default: "default")."""
+    under `image_dir`, into the index folder `out`, by `model` (default: "default") run on
+    `runtime`; `states`: keep what re-ranking reads of each image (about 63 KB each)."""
     corpus = read_collection(image_dir, annotations, split)
     model = model or "default"
-    net = load_model(model)
+    net = accelerate(load_model(model), runtime)
     if Path(model).is_dir():  # recorded so that the folder opens from any working directory
         model = str(Path(model).resolve())
     store = FeatureStore(features) if features is not None else None
     cfg = IndexConfig(factory=factory)
-    return build_index(net, model, corpus, image_dir, out, cfg, store, progress)
+    return build_index(net, model, corpus, image_dir, out, cfg, store, progress, states=states)
 
 
 def add_images(
@@ -185,11 +197,12 @@ def add_images(
     model: str | None = None,
     features: Path | None = None,
     progress: Progress | None = None,
+    runtime: RuntimeConfig = AUTO_RUNTIME,
 ) -> AddReport:
     """`ldot index --add`: the collection's images not yet in the index folder `out` (by
-    default with the model that built it)."""
+    default with the model that built it, run on `runtime`)."""
     corpus = read_collection(image_dir, annotations, split)
-    net = load_model(model or Manifest.read(Path(out)).model)
+    net = accelerate(load_model(model or Manifest.read(Path(out)).model), runtime)
     index = IndexFolder.open(out, net, mmap=False)
     store = FeatureStore(features) if features is not None else None
     return add_collection(index, net, corpus, Path(image_dir), store, progress)

@@ -8,6 +8,8 @@ one atomic commit at a time.
     vN/images/      `VectorIndex` of the images; items {"id", "root", "path", "captions"?}
     vN/captions/    `VectorIndex` of their captions; items {"id": "<image id>#<n>", "image",
                     "caption"}
+    vN/states/      what re-ranking reads of each image, row for row with the image index
+                    (`lightningdot.index.states`; absent when built with --no-states)
     uploads/        images added through `ldot serve`, named by a hash of their bytes
     .lock           writers take turns on it
 
@@ -37,9 +39,11 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock, Timeout
 
+from lightningdot.encode import StateRows
 from lightningdot.errors import DataError
 from lightningdot.features import FeatureStore
 from lightningdot.index.record import UPLOADS, Manifest, legacy_upload
+from lightningdot.index.states import RegionStates
 from lightningdot.index.storage import (
     LOCK,
     check_buildable,
@@ -73,6 +77,7 @@ class Rows:
     captions: CaptionRows | None = None
     root: tuple[str, str] | None = None  # (name, folder) of the items' root, recorded with them
     uploads: dict[str, bytes] = field(default_factory=dict)  # files to store under uploads/
+    states: StateRows | None = None  # of the images, for a folder that keeps them
 
 
 class IndexFolder:
@@ -85,9 +90,11 @@ class IndexFolder:
         image_index: VectorIndex,
         caption_index: VectorIndex | None,
         caption_prior: IndexPrior | None = None,
+        states: RegionStates | None = None,
     ) -> None:
         self.folder, self.manifest = folder, manifest
         self.image_index, self.caption_index = image_index, caption_index
+        self.states = states  # what re-ranking reads, when the folder keeps it
         self.caption_prior = caption_prior  # of a caption index the first captioned add makes
         # Changes in this process take turns on the first (re-entrant: a caller may hold it
         # around a check and a change), and with other processes on the lock file as well.
@@ -132,13 +139,13 @@ class IndexFolder:
     def _load_current(cls, folder, model_id, caption_prior, mmap, tries: int = 3) -> IndexFolder:
         manifest = Manifest.read(folder)
         try:
-            images, captions = load_parts(folder, manifest, model_id, mmap)
+            parts = load_parts(folder, manifest, model_id, mmap)
         except DataError:
             # A writer may have committed, and swept the parts just read, meanwhile.
             if tries == 1 or Manifest.read(folder).version == manifest.version:
                 raise
             return cls._load_current(folder, model_id, caption_prior, mmap, tries - 1)
-        return cls(folder, manifest, images, captions, caption_prior)
+        return cls(folder, manifest, parts[0], parts[1], caption_prior, parts[2])
 
     @property
     def features(self) -> FeatureStore | None:
@@ -283,6 +290,8 @@ class IndexFolder:
             name, where = rows.root
             if roots.setdefault(name, where) != where:
                 raise DataError(f"another add took the name {name!r} meanwhile: add again")
+        if self.states is not None:
+            indexes["states"] = self._grown_states(rows, new)
         uploads = {k: v for k, v in rows.uploads.items() if images.row(k) is not None}
         try:
             grown = replace(self.manifest, roots=roots)
@@ -295,8 +304,21 @@ class IndexFolder:
                 raise
             self._catch_up()  # the commit came before the error: take what it committed
             raise
-        self.image_index = images
-        self.caption_index = indexes.get("captions", self.caption_index)
+        states = None
+        if "states" in indexes:  # as committed: the next add links its files, not these
+            states = RegionStates.load(self.folder / self.manifest.parts["states"])
+        self._swap(images, indexes.get("captions", self.caption_index), states)
+
+    def _swap(self, images, captions, states) -> None:
+        """Put committed parts live. States first: rows are only ever appended, so a search
+        reading the old image index meanwhile finds its rows among the new states."""
+        self.states = states
+        self.image_index, self.caption_index = images, captions
+
+    def _grown_states(self, rows: Rows, new: list[bool]) -> RegionStates:
+        if rows.states is None:
+            raise DataError(f"{self.folder} keeps region states: images added to it need theirs")
+        return self.states.grown(rows.states.select(np.array(new)))
 
     def _grown_captions(self, text: np.ndarray, items: list[dict]) -> VectorIndex | None:
         """The caption index with the rows not in it yet (made, the first time, like the image
@@ -320,11 +342,14 @@ class IndexFolder:
         if (on_disk.version, on_disk.parts) == (self.manifest.version, self.manifest.parts):
             return
         model_id = self.image_index.model_id
-        images, captions = load_parts(self.folder, on_disk, model_id, mmap=False)
-        self.manifest, self.image_index, self.caption_index = on_disk, images, captions
+        images, captions, states = load_parts(self.folder, on_disk, model_id, mmap=False)
+        self.manifest = on_disk
+        self._swap(images, captions, states)
 
     @classmethod
-    def create(cls, folder: Path, manifest: Manifest, indexes: dict[str, VectorIndex]) -> None:
+    def create(
+        cls, folder: Path, manifest: Manifest, indexes: dict[str, VectorIndex | RegionStates]
+    ) -> None:
         """Write a new index folder, or replace every part of the index folder at `folder`, in
         one commit.
 
@@ -343,9 +368,13 @@ class IndexFolder:
 
 def load_parts(
     folder: Path, manifest: Manifest, model_id: str | None, mmap: bool
-) -> tuple[VectorIndex, VectorIndex | None]:
-    """The image index and caption index the record names (uploads recorded by the older
-    layout given their root)."""
+) -> tuple[VectorIndex, VectorIndex | None, RegionStates | None]:
+    """The image index, caption index and region states the record names (uploads recorded by
+    the older layout given their root).
+
+    Raises:
+        DataError: a part is missing or damaged, or the states are not the images' own.
+    """
     images = VectorIndex.load(folder / manifest.parts["images"], model_id, mmap)
     if manifest.legacy:
         for it in images.items:
@@ -354,4 +383,9 @@ def load_parts(
     captions = None
     if "captions" in manifest.parts:
         captions = VectorIndex.load(folder / manifest.parts["captions"], model_id, mmap)
-    return images, captions
+    states = None
+    if "states" in manifest.parts:
+        states = RegionStates.load(folder / manifest.parts["states"], mmap)
+        if len(states) != len(images):
+            raise DataError(f"{folder}: {len(states)} images' states for {len(images)} images")
+    return images, captions, states

@@ -18,7 +18,8 @@ from lightningdot.io import read_json, write_json
 RECORD = "retriever.json"
 FORMAT = 2
 UPLOADS = "uploads"  # the root of uploaded images, and its folder in the index folder
-PARTS = ("images", "captions")
+PARTS = ("images", "captions", "states")
+LEGACY_PARTS = ("images", "captions")  # the parts of the layout before versions
 
 
 @dataclass
@@ -28,7 +29,7 @@ class Manifest:
     model: str  # name or folder of the model that made it
     model_id: str
     version: int = 0
-    parts: dict[str, str] = field(default_factory=dict)  # "images"/"captions" -> their folder
+    parts: dict[str, str] = field(default_factory=dict)  # "images", ... -> their folder
     roots: dict[str, str] = field(default_factory=dict)  # the first is the collection's own
     features: str | None = None
     # Moved from the layout before versions: its folders (images/, captions/) are leftovers
@@ -77,7 +78,7 @@ class Manifest:
 
     @classmethod
     def _of_legacy(cls, folder: Path, data: dict) -> Manifest:
-        parts = {p: p for p in PARTS if (folder / p).is_dir()}
+        parts = {p: p for p in LEGACY_PARTS if (folder / p).is_dir()}
         parts.setdefault("images", "images")  # where the part is missing, loading says so
         roots = {"images": data["images"]} if data.get("images") else {}
         features = data.get("features")

@@ -17,7 +17,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from lightningdot.errors import DataError
-from lightningdot.index.record import PARTS, RECORD, UPLOADS, Manifest, legacy_upload
+from lightningdot.index.record import LEGACY_PARTS, PARTS, RECORD, UPLOADS, Manifest, legacy_upload
+from lightningdot.index.states import RegionStates, is_states_file
 from lightningdot.index.vector import VectorIndex
 from lightningdot.io import atomic_path, fsync_dir, read_json, recover_dir, sync_tree
 
@@ -25,14 +26,14 @@ LOCK = ".lock"
 VERSION = re.compile(r"v\d+")
 PART_FILES = {"index.faiss", "items.json", "index.json", "bank.npy"}  # `VectorIndex.write`'s
 # Names the layout before versions used, and that its writers left after a crash.
-LEGACY = {f"{part}{end}" for part in PARTS for end in ("", ".old", ".tmp")}
+LEGACY = {f"{part}{end}" for part in LEGACY_PARTS for end in ("", ".old", ".tmp")}
 
 
 def commit(
     folder: Path,
     current: Manifest,
     new: Manifest,
-    indexes: dict[str, VectorIndex],
+    indexes: dict[str, VectorIndex | RegionStates],
     uploads: dict[str, bytes],
 ) -> Manifest:
     """Write `indexes` (and upload files) as the version after `current`'s, then the record
@@ -104,7 +105,8 @@ def is_version(entry: Path) -> bool:
     for part in entry.iterdir():
         if part.name not in PARTS or part.is_symlink() or not part.is_dir():
             return False
-        if any(f.name not in PART_FILES or not f.is_file() for f in part.iterdir()):
+        own = is_states_file if part.name == "states" else PART_FILES.__contains__
+        if any(not own(f.name) or not f.is_file() for f in part.iterdir()):
             return False
     return True
 
@@ -112,7 +114,7 @@ def is_version(entry: Path) -> bool:
 def recover_legacy(folder: Path, manifest: Manifest) -> None:
     """Put back a part a writer of the layout before versions left only as `<part>.old`."""
     if manifest.legacy:
-        for part in PARTS:
+        for part in LEGACY_PARTS:
             recover_dir(folder / part)
 
 

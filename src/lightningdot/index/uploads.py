@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
+from lightningdot.encode import StateRows
 from lightningdot.errors import DataError
 from lightningdot.features import load_image
 from lightningdot.index.folder import UPLOADS, IndexFolder, Rows
@@ -51,11 +52,12 @@ def decode_uploads(uploads: list[tuple[str, bytes]]) -> tuple[list[Image.Image],
 def add_uploads(
     index: IndexFolder,
     uploads: list[tuple[str, bytes]],
-    encode: Callable[[list[Image.Image]], np.ndarray],
+    encode: Callable[[list[Image.Image]], tuple[np.ndarray, StateRows | None]],
 ) -> list[tuple[str, bool]]:
     """Store and index uploaded image files, all or none: `(filename, bytes)` -> `(id, added)`
-    each. An image already indexed (or repeated in the request) is not added twice (`added`
-    False). Nothing is written before every upload has decoded."""
+    each; `encode`: images -> their vectors (and states, for a folder that keeps them). An
+    image already indexed (or repeated in the request) is not added twice (`added` False).
+    Nothing is written before every upload has decoded."""
     decoded, ids = decode_uploads(uploads)
     first: dict[str, int] = {}  # id -> position of its first upload, in upload order
     for n, key in enumerate(ids):
@@ -69,8 +71,9 @@ def add_uploads(
             {"id": key, "root": UPLOADS, "path": key, "filename": uploads[n][0]}
             for key, n in fresh.items()
         ]
-        vectors = encode([decoded[n] for n in fresh.values()])
+        vectors, states = encode([decoded[n] for n in fresh.values()])
         files = {key: uploads[n][1] for key, n in fresh.items()}
-        new = index.append(Rows(vectors, items, root=(UPLOADS, UPLOADS), uploads=files))
+        rows = Rows(vectors, items, root=(UPLOADS, UPLOADS), uploads=files, states=states)
+        new = index.append(rows)
         added = {key for key, is_new in zip(fresh, new, strict=True) if is_new}
     return [(key, key in added and first[key] == n) for n, key in enumerate(ids)]

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import BertModel, PreTrainedTokenizerBase
 
-from lightningdot.config import BertSize, ImageConfig, ModelConfig, TextConfig
+from lightningdot.config import BertSize, ImageConfig, ModelConfig, RuntimeConfig, TextConfig
 from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.features.regions import RegionBatch
 from lightningdot.model.pooling import join_views, mean_pool
@@ -184,6 +185,15 @@ class BiEncoder(nn.Module):
         self._warned_truncation = False
         # Typical queries of each kind, for indexes' query-bank priors (`ldot bank`); not weights.
         self.bank: QueryBank | None = None
+        # `encode_text` from token tensors on a faster runtime (`lightningdot.runtime`), used
+        # at inference only; training drops it, since it holds a copy of the weights.
+        self.fast_text: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self.runtime: RuntimeConfig | None = None  # what runs its backbone (None: eager)
+
+    def train(self, mode: bool = True) -> BiEncoder:
+        if mode:
+            self.fast_text, self.runtime = None, None
+        return super().train(mode)
 
     def init_pretrained(self, temperature: float = 0.05) -> None:
         """Load packaged text weights, derive the image transformer from them, freeze as configured."""
@@ -243,12 +253,20 @@ class BiEncoder(nn.Module):
         batch = self.tokenize(texts) if isinstance(texts, list) else texts
         device = self.logit_scale.device
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        if self.fast_text is not None and not torch.is_grad_enabled():
+            return self.fast_text(ids, mask)
         return join_views(self.text.views(self.text(ids, mask), mask))
 
     def encode_image(self, regions: RegionBatch) -> torch.Tensor:
         """Regions of B images -> (B, vector_dim) unit image vectors."""
+        return self.encode_image_states(regions)[0]
+
+    def encode_image_states(self, regions: RegionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Regions of B images -> their (B, vector_dim) unit vectors and the (B, 1 + R, H)
+        states the vectors come from (what a re-ranker reads)."""
         regions = regions.to(self.logit_scale.device)
-        return join_views(self.image.views(self.image(regions), regions))
+        states = self.image(regions)
+        return join_views(self.image.views(states, regions)), states
 
     @staticmethod
     def score(text_vectors: torch.Tensor, image_vectors: torch.Tensor) -> torch.Tensor:

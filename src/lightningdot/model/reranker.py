@@ -186,12 +186,15 @@ class Reranker(nn.Module):
     @torch.inference_mode()
     def rerank_images(self, text: str, candidates: RegionBatch, dot: torch.Tensor) -> torch.Tensor:
         """One caption and its K candidate images (with their dot scores) -> (K,) scores."""
-        k = len(candidates)
+        return self.rerank_states(text, self.image_states(candidates), dot)
+
+    @torch.inference_mode()
+    def rerank_states(self, text: str, image, dot: torch.Tensor) -> torch.Tensor:
+        """`rerank_images` from the candidates' states and mask (as `image_states` gives them,
+        or as an index keeps them)."""
+        k = len(image[0])
         cross = self.cross_scores(
-            self.text_states([text]),
-            self.image_states(candidates),
-            torch.zeros(k, dtype=torch.long),
-            torch.arange(k),
+            self.text_states([text]), image, torch.zeros(k, dtype=torch.long), torch.arange(k)
         )
         return self.fused_score(cross, dot)
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from lightningdot.config import ServeConfig
+from lightningdot.config import RuntimeConfig, ServeConfig
 from lightningdot.errors import DataError
-from lightningdot.retrieval import Retriever
+from lightningdot.retrieval import Retriever, slow_rerank_warning
 from lightningdot.serve.app import create_app
 from lightningdot.serve.security import write_policy
 
@@ -28,17 +28,22 @@ def serve_index(
     access_log: bool = True,
     log: Callable[[str], None] = print,
     api_key: str | None = None,
+    runtime: str = "auto",
 ) -> None:
     """Serve `index_dir` at http://host:port/ (see `lightningdot.retrieval.open_reranker` for
     `reranker`); `threads`: the model's arithmetic threads (0: torch's default); `api_key`:
-    what the routes that change the index require (see `write_policy`)."""
+    what the routes that change the index require (see `write_policy`); `runtime`: what runs
+    the encoders (`lightningdot.runtime`)."""
     writes = write_policy(host, api_key)
     check_can_listen(host, port)  # before the model loads, and in our words, not uvicorn's
     if threads:
         torch.set_num_threads(threads)
-    retriever = Retriever.open(index_dir, model, reranker=reranker)
+    run_on = RuntimeConfig(runtime, threads)
+    retriever = Retriever.open(index_dir, model, reranker=reranker, runtime=run_on)
     if reranker == "auto" and retriever.reranker is None:
         log("the shipped re-ranker does not fit this model: serving without one")
+    if retriever.reranker and retriever.index.states is None and retriever.regions.store is None:
+        log(f"warning: {slow_rerank_warning(index_dir)}")
     log(
         f"serving {len(retriever.image_index)} images from {index_dir} on http://{host}:{port}/"
         + ("" if retriever.reranker else " (no re-ranker)")

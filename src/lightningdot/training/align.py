@@ -60,7 +60,7 @@ def load_split(cfg: AlignConfig, split: str, store: FeatureStore, teacher: BiEnc
                 f"{path}: {len(missing)} {split} image(s) lack captions, e.g. {missing[0]}"
             )
     aligned = [Corpus([{im.key: im for im in c.images}[k] for k in keys]) for c in corpora]
-    images = encode_collection(teacher, RegionSource(teacher.cfg.backbone, store), keys)
+    images = encode_collection(teacher, RegionSource.of(teacher, store), keys)
     return Split([Path(a).stem for a in cfg.annotations], aligned, images)
 
 

@@ -33,7 +33,7 @@ def make_bank(
     was = model.training
     model.eval()
     text = encode_texts(model, captions)
-    image = encode_collection(model, RegionSource(model.cfg.backbone, FeatureStore(features)), keys)
+    image = encode_collection(model, RegionSource.of(model, FeatureStore(features)), keys)
     model.train(was)
     source = {"annotations": Path(annotations).name, "split": cfg.split, "size": cfg.size}
     return QueryBank(text, image, cfg.beta, source | {"seed": cfg.seed})
