@@ -39,37 +39,18 @@ from report import commit, machine, table, write_section
 from torch import nn
 
 from lightningdot.model.checkpoint import load_model
-from lightningdot.model.pooling import join_views
+from lightningdot.runtime import (
+    GridGraph,
+    OnnxFunction,
+    TextGraph,
+    export_onnx,
+    quantize_onnx,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # (input_ids, attention_mask), each (B, T) int64 -> (B, D) unit vectors
 Encode = Callable[[torch.Tensor, torch.Tensor], np.ndarray]
-
-
-class TextGraph(nn.Module):
-    """`BiEncoder.encode_text` from token tensors: what every runtime runs."""
-
-    def __init__(self, text: nn.Module) -> None:
-        super().__init__()
-        self.text = text
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        states = self.text(input_ids, attention_mask)  # (B, T, H)
-        return join_views(self.text.views(states, attention_mask))  # (B, D)
-
-
-class BackboneGraph(nn.Module):
-    """The backbone's tensors before they become RegionFeatures: (B, 3, S, S) pixels ->
-    (B, h*w, 1280) cell features and (B, h*w, 1000) class distributions."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cells = self.net.extract_features(pixels).flatten(2).transpose(1, 2)
-        return cells, self.net._fc(cells).softmax(-1)
 
 
 @dataclass
@@ -91,45 +72,29 @@ def torch_runtime(name: str, module: nn.Module, threads: int, setup_s: float = 0
 
 
 def ort_runtime(name: str, path: Path, threads: int, setup_s: float) -> Runtime:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    """A session as `lightningdot.runtime` opens one (its thread settings included)."""
+    session = OnnxFunction(str(path), threads)
 
     def encode(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
-        feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
-        return session.run(None, feed)[0]
+        return session(input_ids, attention_mask).numpy()
 
     return Runtime(name, threads, encode, setup_s)
 
 
 def export_text(graph: nn.Module, example: dict[str, torch.Tensor], path: Path) -> None:
-    """ONNX of `graph` with dynamic batch and sequence axes (the dynamo exporter).
-
-    The example batch must hold padding, so that the traced graph keeps the attention mask.
-    """
+    """ONNX of `graph` with dynamic batch and sequence axes, as `lightningdot.runtime` exports it
+    (the example batch holds padding, so the traced graph keeps the attention mask)."""
     from torch.export import Dim
 
-    batch, seq = Dim("batch", min=1, max=1024), Dim("seq", min=2, max=512)
-    torch.onnx.export(
+    seq = {0: Dim("batch", min=1, max=4096), 1: Dim("seq", min=2, max=512)}
+    names = ["input_ids", "attention_mask"]
+    export_onnx(
         graph,
         (example["input_ids"], example["attention_mask"]),
-        str(path),
-        input_names=["input_ids", "attention_mask"],
-        output_names=["vectors"],
-        dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-        dynamo=True,
-        external_data=False,
+        names,
+        dict.fromkeys(names, seq),
+        path,
     )
-
-
-def quantize_onnx(src: Path, dst: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
 
 
 def candidates(graph: nn.Module, example: dict, workdir: Path) -> tuple[list[Runtime], list[str]]:
@@ -245,13 +210,12 @@ def val_captions(data: Path, n: int) -> list[str]:
 
 def image_side(data: Path, workdir: Path, n: int) -> tuple[list[list[str]], str]:
     """EfficientNet-Lite2: eager against ONNX Runtime, images/s at batch 32, cosine of cells."""
-    import onnxruntime as ort
     from PIL import Image
 
     from lightningdot.features import create_backbone
 
     backbone = create_backbone("efficientnet-lite2")
-    graph = BackboneGraph(backbone.net).eval()
+    graph = GridGraph(backbone).eval()
     js = json.loads((data / "dataset_flickr8k.json").read_text())
     files = [im["filename"] for im in js["images"] if im["split"] == "val"][:n]
     pixels = torch.stack(
@@ -259,32 +223,18 @@ def image_side(data: Path, workdir: Path, n: int) -> tuple[list[list[str]], str]
     )  # (n, 3, 260, 260)
     path = workdir / "lite2.onnx"
     t0 = time.perf_counter()
-    torch.onnx.export(
-        graph,
-        (pixels[:2],),
-        str(path),
-        input_names=["pixels"],
-        output_names=["cells", "probs"],
-        dynamic_shapes={"pixels": {0: torch.export.Dim("batch", min=1, max=1024)}},
-        dynamo=True,
-        external_data=False,
-    )
+    dims = {"pixels": {0: torch.export.Dim("batch", min=1, max=4096)}}
+    export_onnx(graph, (pixels[:2],), ["pixels"], dims, path)
     export_s = time.perf_counter() - t0
-    sessions = {}
-    for threads in (1, 2):
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        sessions[threads] = ort.InferenceSession(
-            str(path), opts, providers=["CPUExecutionProvider"]
-        )
+    sessions = {threads: OnnxFunction(str(path), threads) for threads in (1, 2)}
 
     def eager(x: torch.Tensor, threads: int) -> np.ndarray:
         torch.set_num_threads(threads)
         with torch.inference_mode():
-            return graph(x)[0].numpy()
+            return graph(x).flatten(2).transpose(1, 2).numpy()
 
     def onnx(x: torch.Tensor, threads: int) -> np.ndarray:
-        return sessions[threads].run(None, {"pixels": x.numpy()})[0]
+        return sessions[threads](x).flatten(2).transpose(1, 2).numpy()
 
     batches = list(pixels.split(32))
     rows, ref = [], None
@@ -316,7 +266,7 @@ def main() -> None:
     max_threads = torch.get_num_threads()
 
     model = load_model("default").eval()
-    graph = TextGraph(model.text).eval()
+    graph = TextGraph(model).eval()
     captions = val_captions(args.data, args.captions)
 
     tok = latency_ms(lambda: model.tokenize([captions[0]]), args.runs)
