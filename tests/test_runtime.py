@@ -145,11 +145,12 @@ class TinyGrid(EfficientNetLiteGrid):
         self.net = TinyNet().eval()
 
 
-def test_onnx_backbone_regions_match_eager():
+@pytest.mark.parametrize("kind", ["onnx", "onnx-int8"])  # int8 quantises the text side only
+def test_onnx_backbone_regions_match_eager(kind):
     backbone = TinyGrid()
     pixels = torch.randn(3, 3, 16, 16)
     eager = backbone(pixels)
-    runtime.accelerate_backbone(backbone, ONNX)
+    runtime.accelerate_backbone(backbone, RuntimeConfig(kind, threads=1))
     assert backbone.graph is not None
     fast = backbone(pixels)
     for e, f in zip(eager, fast, strict=True):

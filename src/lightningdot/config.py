@@ -335,7 +335,8 @@ RUNTIMES = ("auto", "onnx", "onnx-int8", "eager")
 class RuntimeConfig:
     """What runs the encoders' forward passes at inference (`lightningdot.runtime`)."""
 
-    # "onnx": ONNX Runtime on a float32 export; "onnx-int8": on its dynamic int8 quantisation;
+    # "onnx": ONNX Runtime on a float32 export; "onnx-int8": the text encoder on its dynamic
+    # int8 quantisation (the backbone in float32);
     # "eager": PyTorch as trained; "auto": $LDOT_RUNTIME when set, else "onnx".
     kind: str = "auto"
     threads: int = 0  # intra-op threads of a runtime session (0: torch's thread count)

@@ -7,7 +7,8 @@ images, the same forward passes exported to ONNX run two to seven times faster o
     kind         what runs                                         vectors against eager's
     "eager"      PyTorch, as trained                               the same
     "onnx"       ONNX Runtime, float32 export                      cosine >= 0.999 (tested)
-    "onnx-int8"  ONNX Runtime, its dynamic int8 quantisation       recall measured, not matched
+    "onnx-int8"  ONNX Runtime, the text encoder's dynamic int8     recall measured, not matched
+                 quantisation (the backbone stays float32)
     "auto"       $LDOT_RUNTIME when set, else "onnx"
 
 A module is exported once per weights (and torch version) into the cache folder ($LDOT_CACHE,
@@ -182,10 +183,14 @@ def compile_module(
     dims: dict,
     cfg: RuntimeConfig,
     what: str,
+    quantize: bool = True,
 ) -> Callable[..., torch.Tensor] | None:
     """`module` on the runtime `cfg` names, called with tensors like `example`; None for eager,
-    or (with one warning naming `what`) when that runtime is missing or the export fails."""
+    or (with one warning naming `what`) when that runtime is missing or the export fails.
+    `quantize=False`: float32 under "onnx-int8" too."""
     kind = resolve(cfg.kind)
+    if kind == "onnx-int8" and not quantize:
+        kind = "onnx"
     if kind == "eager":
         return None
     threads = cfg.threads or torch.get_num_threads()
@@ -235,7 +240,10 @@ def accelerate_backbone(backbone: Backbone, cfg: RuntimeConfig) -> Backbone:
     size = backbone.image_size
     example = (torch.zeros(2, 3, size, size),)
     dims = {"pixels": {0: Dim("batch", min=1, max=4096)}}
+    # Float32 under "onnx-int8" as well: ONNX Runtime's int8 convolutions made indexing
+    # slower than float here (benchmarks/fast_path.py), and the image side sets every index.
+    what = f"the {backbone.name} backbone"
     backbone.graph = compile_module(
-        GridGraph(backbone), example, ["pixels"], dims, cfg, f"the {backbone.name} backbone"
+        GridGraph(backbone), example, ["pixels"], dims, cfg, what, quantize=False
     )
     return backbone
