@@ -35,7 +35,6 @@ from lightningdot.model.pretrained import (
 )
 from lightningdot.model.prior import QueryBank
 
-
 # Captions encoded together at inference, at most, after sorting a batch by length.
 LENGTH_GROUP = 16
 
