@@ -197,3 +197,50 @@ def test_cli_index_and_search_on_onnx_agree_with_eager(corpus_dir, model_dir, tm
 def test_cli_refuses_an_unknown_runtime(index_dir):
     r = CliRunner().invoke(app, ["search", str(index_dir), "red", "--runtime", "gpu"])
     assert r.exit_code == 2 and "runtime must be one of" in r.output
+
+
+def test_a_damaged_cached_graph_is_made_again(tmp_path):
+    runtime.accelerate(tiny_model(), ONNX)
+    (cached,) = (tmp_path / "cache" / "onnx").iterdir()
+    cached.write_bytes(cached.read_bytes()[:1000])  # truncated
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback to eager
+        model = runtime.accelerate(tiny_model(), ONNX)
+    assert model.fast_text is not None and cached.stat().st_size > 1000
+
+
+def test_the_cache_tells_configs_apart_not_only_weights():
+    import dataclasses
+
+    cls_model = tiny_model()
+    cfg = tiny_model_config()
+    cfg.text = dataclasses.replace(cfg.text, pooling="mean")
+    mean_model = BiEncoder(cfg).eval()
+    mean_model.load_state_dict(cls_model.state_dict())  # the same weights, another pooling
+    for model in (cls_model, mean_model):
+        with torch.inference_mode():
+            eager = model.encode_text(CAPTIONS)
+            runtime.accelerate(model, ONNX)
+            assert cosines(model.encode_text(CAPTIONS), eager).min() >= 0.999
+
+
+def test_eager_takes_a_model_off_the_fast_path():
+    model = runtime.accelerate(tiny_model(), ONNX)
+    runtime.accelerate(model, RuntimeConfig("eager"))
+    assert model.fast_text is None and model.runtime is None
+
+
+def test_states_flag_is_for_builds(index_dir, corpus_dir):
+    r = CliRunner().invoke(
+        app,
+        [
+            "index",
+            "--out",
+            str(index_dir),
+            "--images",
+            str(corpus_dir / "images"),
+            "--add",
+            "--no-states",
+        ],
+    )
+    assert r.exit_code == 2 and "an add keeps the index's own" in r.output

@@ -225,12 +225,14 @@ def index(
     add: Annotated[bool, opt("Add new images to an existing index.", "--add")] = False,
     runtime: Runtime = "auto",
     states: Annotated[
-        bool,
+        bool | None,
         opt(
             "Keep what re-ranking reads of each image (about 63 KB per image), so that it "
-            "needs neither the image files nor a feature store (with --add: as the index was built)."
+            "needs neither the image files nor a feature store (kept by default); an add keeps "
+            "what the index was built with.",
+            "--states/--no-states",
         ),
-    ] = True,
+    ] = None,
 ) -> None:
     """Encode a collection into a FAISS index (images, and captions when known)."""
     from lightningdot.config import RuntimeConfig
@@ -238,11 +240,24 @@ def index(
 
     with user_errors(), show.progress_bar() as bar:
         run_on, progress = RuntimeConfig(runtime), show.Bar(bar)
+        if add and states is not None:
+            raise LightningDotError(
+                "--states/--no-states is for a build: an add keeps the index's own"
+            )
         if add:
             report = add_images(out, images, annotations, split, model, features, progress, run_on)
         else:
             report = index_images(
-                out, images, annotations, split, model, factory, features, progress, run_on, states
+                out,
+                images,
+                annotations,
+                split,
+                model,
+                factory,
+                features,
+                progress,
+                run_on,
+                states is not False,
             )
     if add:
         show.console.print(f"added {report.added} new image(s); {report.total} in {out}")

@@ -119,7 +119,8 @@ class RegionSource:
     def decoded(self, files: Sequence[Path]) -> Iterator[list[torch.Tensor | DataError]]:
         """The pixels of `files`, FILE_BATCH at a time, decoded by a thread pool one batch
         ahead of the caller; a file that does not decode gives its error instead."""
-        with ThreadPoolExecutor(DECODERS, thread_name_prefix="ldot-decode") as pool:
+        pool = ThreadPoolExecutor(DECODERS, thread_name_prefix="ldot-decode")
+        try:
             ahead: deque[list] = deque()
             for s in range(0, len(files), FILE_BATCH):
                 ahead.append([pool.submit(self._pixels, f) for f in files[s : s + FILE_BATCH]])
@@ -127,6 +128,8 @@ class RegionSource:
                     yield [f.result() for f in ahead.popleft()]
             while ahead:
                 yield [f.result() for f in ahead.popleft()]
+        finally:  # a caller that stops early (an error) does not wait for the batch ahead
+            pool.shutdown(cancel_futures=True)
 
     def batches(
         self,
@@ -199,8 +202,13 @@ class StateRows:
     def concat(cls, parts: list[StateRows]) -> StateRows:
         """One block of several, padded to the widest."""
         width = max(p.states.shape[1] for p in parts)
-        pad = [np.pad(p.states, ((0, 0), (0, width - p.states.shape[1]), (0, 0))) for p in parts]
-        return cls(np.concatenate(pad), np.concatenate([p.lengths for p in parts]))
+        states = [
+            p.states
+            if p.states.shape[1] == width
+            else np.pad(p.states, ((0, 0), (0, width - p.states.shape[1]), (0, 0)))
+            for p in parts
+        ]
+        return cls(np.concatenate(states), np.concatenate([p.lengths for p in parts]))
 
 
 @dataclass

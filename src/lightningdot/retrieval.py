@@ -268,11 +268,11 @@ class Retriever:
 
     @torch.inference_mode()
     def _rows_of(self, images: Sequence[ImageInput]) -> tuple[np.ndarray, StateRows | None]:
-        """Images to add: their vectors, and their states when the folder keeps them."""
+        """Images to add: their vectors and states (kept if the folder keeps states when the
+        add commits: a rebuild meanwhile may have changed that)."""
         regions = self.regions.of_images(images)
         vectors, states = self.model.encode_image_states(regions)
-        kept = StateRows.of(states, regions) if self.index.states is not None else None
-        return vectors.numpy(), kept
+        return vectors.numpy(), StateRows.of(states, regions)
 
     def search_image(
         self, queries: Sequence[ImageInput], k: int = 10, target: str = "captions", rerank: int = 0

@@ -22,11 +22,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import os
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +39,6 @@ from lightningdot.config import RuntimeConfig
 from lightningdot.features.backbones import Backbone
 from lightningdot.io import atomic_path
 from lightningdot.model.encoders import BiEncoder
-from lightningdot.model.pooling import join_views
 
 EXPORT_VERSION = 1  # bump when what is exported changes, so older cached graphs are not reused
 # Two captions of different lengths: the traced graph must see padding to keep the mask.
@@ -65,10 +66,11 @@ class TextGraph(nn.Module):
     def __init__(self, model: BiEncoder) -> None:
         super().__init__()
         self.text = model.text
+        # What the graph does beyond its weights (the pooling, say), for its cache name.
+        self.config = json.dumps(asdict(model.cfg.text), sort_keys=True)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        states = self.text(input_ids, attention_mask)  # (B, T, H)
-        return join_views(self.text.views(states, attention_mask))
+        return self.text.vectors(input_ids, attention_mask)
 
 
 class GridGraph(nn.Module):
@@ -77,16 +79,20 @@ class GridGraph(nn.Module):
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
         self.net = backbone.net
+        self.config = f"{backbone.name} {backbone.image_size}"
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(pixels)
 
 
 def fingerprint(module: nn.Module, kind: str) -> str:
-    """A name for `module`'s export: its class, its weights and the exporter's version."""
-    h = hashlib.sha256(
-        f"{type(module).__name__} {kind} {EXPORT_VERSION} {torch.__version__}".encode()
-    )
+    """A name for `module`'s export: its class and config, its weights, and the versions of
+    the exporter and of the runtime that will read it."""
+    import onnxruntime
+
+    versions = f"{EXPORT_VERSION} {torch.__version__} {onnxruntime.__version__}"
+    config = getattr(module, "config", "")
+    h = hashlib.sha256(f"{type(module).__name__} {config} {kind} {versions}".encode())
     for name, tensor in module.state_dict().items():
         h.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
         h.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
@@ -150,14 +156,23 @@ def quantize_onnx(src: Path, dst: Path) -> None:
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
 
 
-def _graph(module, example, names, dims, kind: str) -> str | bytes:
-    """The exported (and, for "onnx-int8", quantised) graph of `module`: the cached file, or
-    made and cached; its bytes when the cache cannot be written."""
-    path = (
-        cache_dir() / "onnx" / f"{type(module).__name__.lower()}-{fingerprint(module, kind)}.onnx"
-    )
+def _session(module, example, names, dims, kind: str, threads: int) -> OnnxFunction:
+    """A session over `module`'s graph: the cached one, else one made now (and cached). A
+    cached file that does not load (damaged, or of a runtime that cannot read it) is made
+    again, not left to fail every later process."""
+    name = f"{type(module).__name__.lower()}-{fingerprint(module, kind)}.onnx"
+    path = cache_dir() / "onnx" / name
     if path.is_file():
-        return str(path)
+        try:
+            return OnnxFunction(str(path), threads)
+        except Exception:  # noqa: BLE001 - whatever is wrong with it, a new export replaces it
+            path.unlink(missing_ok=True)
+    return OnnxFunction(_made(module, example, names, dims, kind, path), threads)
+
+
+def _made(module, example, names, dims, kind: str, path: Path) -> str | bytes:
+    """The exported (and, for "onnx-int8", quantised) graph of `module`, cached at `path`; its
+    bytes when the cache cannot be written."""
     with tempfile.TemporaryDirectory() as tmp:
         made = Path(tmp) / "plain.onnx"
         export_onnx(module, example, names, dims, made)
@@ -197,24 +212,29 @@ def compile_module(
     try:
         import onnxruntime  # noqa: F401
 
-        return OnnxFunction(_graph(module.eval(), example, names, dims, kind), threads)
+        return _session(module.eval(), example, names, dims, kind, threads)
+    except ImportError as e:
+        why = f"{e.name or e} is not installed: pip install onnxruntime onnx onnxscript"
     except Exception as e:  # noqa: BLE001 - any failure here leaves the eager path, which works
-        warnings.warn(
-            f"{what} runs on eager PyTorch: ONNX Runtime could not run it "
-            f"({type(e).__name__}: {str(e)[:200]}); pip install onnxruntime onnx onnxscript",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
+        why = f"{type(e).__name__}: {str(e)[:200]}"
+    warnings.warn(
+        f"{what} runs on eager PyTorch: ONNX Runtime could not run it ({why})",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return None
 
 
 def accelerate(model: BiEncoder, cfg: RuntimeConfig) -> BiEncoder:
     """Run `model`'s text encoder, and the backbone of every `RegionSource` made for it, on
     `cfg`'s runtime at inference (training goes back to eager: `BiEncoder.train`)."""
-    if resolve(cfg.kind) == "eager" or model.runtime == cfg:
+    if resolve(cfg.kind) == "eager":
+        model.fast_text, model.runtime = None, None
         return model
-    model.runtime = cfg
-    return accelerate_text(model, cfg)
+    if model.runtime != cfg:
+        accelerate_text(model, cfg)
+        model.runtime = cfg
+    return model
 
 
 def accelerate_text(model: BiEncoder, cfg: RuntimeConfig) -> BiEncoder:

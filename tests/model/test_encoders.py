@@ -125,13 +125,13 @@ def test_inference_groups_captions_by_length_and_gives_the_padded_batchs_vectors
     texts = [("word " * n).strip() for n in (9, 1, 5, 12, 2, 2, 7, 3)]
     batch = model.tokenize(texts)
     with torch.no_grad():
-        padded = model._text_vectors(batch["input_ids"], batch["attention_mask"])  # one batch
+        padded = model.text.vectors(batch["input_ids"], batch["attention_mask"])  # one batch
         widths = []
 
         def encode(ids, mask):
             assert mask[:, -1].any()  # cut to its longest: no column of padding only
             widths.append(ids.shape[1])
-            return model._text_vectors(ids, mask)
+            return model.text.vectors(ids, mask)
 
         grouped = by_length(encode, batch["input_ids"], batch["attention_mask"], group=3)
         assert torch.allclose(model.encode_text(texts), padded, atol=1e-5)

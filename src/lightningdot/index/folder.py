@@ -304,9 +304,9 @@ class IndexFolder:
                 raise
             self._catch_up()  # the commit came before the error: take what it committed
             raise
-        states = None
-        if "states" in indexes:  # as committed: the next add links its files, not these
-            states = RegionStates.load(self.folder / self.manifest.parts["states"])
+        states = indexes.get("states")
+        if states is not None:  # where committed: the next add links those files
+            states = states.committed(self.folder / self.manifest.parts["states"])
         self._swap(images, indexes.get("captions", self.caption_index), states)
 
     def _swap(self, images, captions, states) -> None:
@@ -317,7 +317,10 @@ class IndexFolder:
 
     def _grown_states(self, rows: Rows, new: list[bool]) -> RegionStates:
         if rows.states is None:
-            raise DataError(f"{self.folder} keeps region states: images added to it need theirs")
+            raise DataError(
+                f"{self.folder} keeps region states (rebuilt with them while this add ran?): "
+                "add again"
+            )
         return self.states.grown(rows.states.select(np.array(new)))
 
     def _grown_captions(self, text: np.ndarray, items: list[dict]) -> VectorIndex | None:
@@ -385,7 +388,8 @@ def load_parts(
         captions = VectorIndex.load(folder / manifest.parts["captions"], model_id, mmap)
     states = None
     if "states" in manifest.parts:
-        states = RegionStates.load(folder / manifest.parts["states"], mmap)
+        # Mapped whatever `mmap` says: states are never changed in place, only linked.
+        states = RegionStates.load(folder / manifest.parts["states"])
         if len(states) != len(images):
             raise DataError(f"{folder}: {len(states)} images' states for {len(images)} images")
     return images, captions, states

@@ -44,8 +44,8 @@ def is_states_file(name: str) -> bool:
     """A file name a states part holds (for the sweep, which removes only its own)."""
     if name == RECORD:
         return True
-    stem, dot, ext = name.partition(".")
-    kind, dash, number = stem.partition("-")
+    stem, _, ext = name.partition(".")
+    kind, _, number = stem.partition("-")
     return ext == "npy" and kind in ("chunk", "lengths") and number.isdigit()
 
 
@@ -78,6 +78,11 @@ class RegionStates:
         """These states and `rows` after them, as a new part (this one is unchanged)."""
         return RegionStates([*self.chunks, Chunk(rows)])
 
+    def committed(self, folder: Path) -> RegionStates:
+        """These states, as `write` left them in `folder` (no file is read): the next add
+        links their files from there."""
+        return RegionStates([Chunk(c.rows, folder, n) for n, c in enumerate(self.chunks)])
+
     def gather(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The states of image rows `rows`: (K, L, H) float32 and their (K, L) mask, padded to
         the longest of them; as `Reranker.image_states` gives them."""
@@ -105,8 +110,8 @@ class RegionStates:
                 for old, new in zip(chunk_files(chunk.number), files, strict=True):
                     _link_or_copy(chunk.source / old, folder / new)
             else:
-                np.save(folder / files[0], chunk.rows.states.astype(np.float16))
-                np.save(folder / files[1], chunk.rows.lengths.astype(np.int32))
+                np.save(folder / files[0], chunk.rows.states.astype(np.float16, copy=False))
+                np.save(folder / files[1], chunk.rows.lengths.astype(np.int32, copy=False))
         hidden = self.chunks[0].rows.states.shape[-1] if self.chunks else 0
         sizes = [len(c.rows) for c in self.chunks]
         # Written in place: the whole version folder is staged, and flushed before its commit.
@@ -123,16 +128,21 @@ class RegionStates:
         record = read_json(folder / RECORD, "region states record")
         if not isinstance(record, dict) or record.get("format") != FORMAT:
             raise DataError(f"{folder}: unknown region states format")
+        sizes, hidden = record.get("chunks"), record.get("hidden")
+        if not isinstance(sizes, list) or not all(isinstance(n, int) for n in sizes):
+            raise DataError(f"{folder}: damaged {RECORD}")
         chunks = []
-        for n, size in enumerate(record.get("chunks", [])):
+        for n, size in enumerate(sizes):
             names = chunk_files(n)
             try:
                 states = np.load(folder / names[0], mmap_mode="r" if mmap else None)
                 lengths = np.load(folder / names[1])
             except (OSError, ValueError) as e:
                 raise DataError(f"{folder}: damaged region states ({e})") from e
-            if len(states) != size or len(lengths) != size or states.ndim != 3:
+            if states.ndim != 3 or len(states) != size or len(lengths) != size:
                 raise DataError(f"{folder}: {names[0]} does not hold {size} images' states")
+            if states.shape[-1] != hidden or lengths.max(initial=1) > states.shape[1]:
+                raise DataError(f"{folder}: {names[0]} does not agree with {RECORD}")
             chunks.append(Chunk(StateRows(states, lengths), folder, n))
         part = cls(chunks)
         if len(part) != record.get("rows"):

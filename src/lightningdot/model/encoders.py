@@ -118,6 +118,10 @@ class TextEncoder(nn.Module):
         heads = [self.proj] if self.pooled_proj is None else [self.proj, self.pooled_proj]
         return [F.normalize(head(pooled), dim=-1) for head in heads]
 
+    def vectors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, vector_dim) unit text vectors (the views joined)."""
+        return join_views(self.views(self(input_ids, attention_mask), attention_mask))
+
 
 class ImageEncoder(nn.Module):
     """A transformer over [IMG] + region tokens; the [IMG] output, projected, is the image vector.
@@ -214,7 +218,9 @@ class BiEncoder(nn.Module):
         # `encode_text` from token tensors on a faster runtime (`lightningdot.runtime`), used
         # at inference only; training drops it, since it holds a copy of the weights.
         self.fast_text: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-        self.runtime: RuntimeConfig | None = None  # what runs its backbone (None: eager)
+        # The runtime `fast_text` and the backbone of every `RegionSource.of(model)` run on
+        # (None: eager PyTorch).
+        self.runtime: RuntimeConfig | None = None
 
     def train(self, mode: bool = True) -> BiEncoder:
         if mode:
@@ -280,11 +286,8 @@ class BiEncoder(nn.Module):
         device = self.logit_scale.device
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         if torch.is_grad_enabled():  # training: one padded batch, as the losses see it
-            return self._text_vectors(ids, mask)
-        return by_length(self.fast_text or self._text_vectors, ids, mask)
-
-    def _text_vectors(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return join_views(self.text.views(self.text(ids, mask), mask))
+            return self.text.vectors(ids, mask)
+        return by_length(self.fast_text or self.text.vectors, ids, mask)
 
     def encode_image(self, regions: RegionBatch) -> torch.Tensor:
         """Regions of B images -> (B, vector_dim) unit image vectors."""

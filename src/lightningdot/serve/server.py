@@ -41,6 +41,7 @@ def serve_index(
         torch.set_num_threads(threads)
     run_on = RuntimeConfig(runtime, threads)
     retriever = Retriever.open(index_dir, model, reranker=reranker, runtime=run_on)
+    _ = retriever.regions.backbone  # loaded (and exported) now, not in the first image request
     if reranker == "auto" and retriever.reranker is None:
         log("the shipped re-ranker does not fit this model: serving without one")
     if retriever.reranker and retriever.index.states is None and retriever.regions.store is None:
