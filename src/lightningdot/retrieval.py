@@ -27,7 +27,7 @@ from lightningdot.encode import ImageInput, RegionSource, StateRows
 from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.features import FeatureStore, RegionBatch
 from lightningdot.index.build import AddReport, add_collection
-from lightningdot.index.folder import IndexFolder
+from lightningdot.index.folder import IndexFolder, Live
 from lightningdot.index.record import Manifest
 from lightningdot.index.uploads import add_uploads
 from lightningdot.index.vector import VectorIndex
@@ -215,10 +215,14 @@ class Retriever:
         top = results[:depth]
         return reorder(top, rescore(top, torch.tensor([r.score for r in top])))
 
-    def candidate_states(self, results: list[Result]) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the re-ranker reads of indexed images: their states, as the folder keeps them;
-        else from their regions (from the feature store when it has them, else their files)."""
-        index, states = self.image_index, self.index.states
+    def candidate_states(
+        self, results: list[Result], live: Live | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the re-ranker reads of indexed images (of `live`, the parts the results came
+        from; by default those live now): their states, as the folder keeps them; else from
+        their regions (from the feature store when it has them, else their files)."""
+        live = live or self.index.live
+        index, states = live.images, live.states
         rows = [index.row(r.id) for r in results]
         if states is not None:
             return states.gather(rows)
@@ -244,21 +248,22 @@ class Retriever:
         clock = Stopwatch()
         vectors = self.model.encode_text(queries).numpy()
         clock.lap("encode")
-        scores, rows = self.image_index.search(vectors, max(k, rerank))
+        live = self.index.live  # once: an add may put a new version live meanwhile
+        scores, rows = live.images.search(vectors, max(k, rerank))
         clock.lap("search")
-        found = [self._results(self.image_index, s, i) for s, i in zip(scores, rows, strict=True)]
+        found = [self._results(live.images, s, i) for s, i in zip(scores, rows, strict=True)]
         if rerank:
             found = [
-                self._rerank(hits, rerank, self._image_rescorer(q))
+                self._rerank(hits, rerank, self._image_rescorer(q, live))
                 for q, hits in zip(queries, found, strict=True)
             ]
             clock.lap("rerank", shared_by=len(queries))
         arrivals = received or [None] * len(queries)
         return [Answer(h[:k], clock.timing(t)) for h, t in zip(found, arrivals, strict=True)]
 
-    def _image_rescorer(self, query: str):
+    def _image_rescorer(self, query: str, live: Live):
         def rescore(top: list[Result], dot: torch.Tensor) -> torch.Tensor:
-            return self.reranker.rerank_states(query, self.candidate_states(top), dot)
+            return self.reranker.rerank_states(query, self.candidate_states(top, live), dot)
 
         return rescore
 
@@ -324,7 +329,8 @@ class Retriever:
         ]
 
     def _targets(self, targets: tuple[str, ...], rerank: int) -> dict[str, VectorIndex]:
-        indexes = {"captions": self.caption_index, "images": self.image_index}
+        live = self.index.live  # once: an add may put a new version live meanwhile
+        indexes = {"captions": live.captions, "images": live.images}
         for t in targets:
             if t not in indexes:
                 raise DataError(f"unknown search target {t!r}: use 'captions' or 'images'")

@@ -105,3 +105,16 @@ def test_gather_pads_chunks_of_different_widths():
     assert got[0, :2].eq(2).all() and got[0, 2:].eq(0).all() and got[1, :3].eq(1).all()
     with pytest.raises(IndexError):
         states.gather([3])
+
+
+def test_a_change_puts_its_parts_live_in_one_step(corpus_dir, model_dir, tmp_path):
+    """A search holds the parts it read; an add meanwhile leaves them as they were."""
+    build(corpus_dir, model_dir, tmp_path / "ix", n=4)
+    r = Retriever.open(tmp_path / "ix", mmap=False)
+    held = r.index.live
+    r.add_uploads([("a.png", png("teal"))])
+    assert len(held.images) == len(held.states) == 4
+    assert len(r.index.live.images) == len(r.index.live.states) == 5
+    (hits,) = [a.results for a in r.search_text(["a red picture"], k=3)]
+    got, _ = r.candidate_states(hits, held)  # rows of the version the results came from
+    assert got.shape[0] == 3

@@ -68,6 +68,16 @@ def root_name(folder: Path) -> str:
     return folder.name if folder.name not in ("", UPLOADS) else "images"
 
 
+@dataclass(frozen=True)
+class Live:
+    """The parts searches read, put live together (one attribute, replaced whole): a search
+    that takes them once reads one version, whatever a change puts live meanwhile."""
+
+    images: VectorIndex
+    captions: VectorIndex | None = None
+    states: RegionStates | None = None  # what re-ranking reads, when the folder keeps it
+
+
 @dataclass
 class Rows:
     """Rows to add to an index folder in one commit."""
@@ -93,8 +103,7 @@ class IndexFolder:
         states: RegionStates | None = None,
     ) -> None:
         self.folder, self.manifest = folder, manifest
-        self.image_index, self.caption_index = image_index, caption_index
-        self.states = states  # what re-ranking reads, when the folder keeps it
+        self.live = Live(image_index, caption_index, states)
         self.caption_prior = caption_prior  # of a caption index the first captioned add makes
         # Changes in this process take turns on the first (re-entrant: a caller may hold it
         # around a check and a change), and with other processes on the lock file as well.
@@ -146,6 +155,18 @@ class IndexFolder:
                 raise
             return cls._load_current(folder, model_id, caption_prior, mmap, tries - 1)
         return cls(folder, manifest, parts[0], parts[1], caption_prior, parts[2])
+
+    @property
+    def image_index(self) -> VectorIndex:
+        return self.live.images
+
+    @property
+    def caption_index(self) -> VectorIndex | None:
+        return self.live.captions
+
+    @property
+    def states(self) -> RegionStates | None:
+        return self.live.states
 
     @property
     def features(self) -> FeatureStore | None:
@@ -310,10 +331,8 @@ class IndexFolder:
         self._swap(images, indexes.get("captions", self.caption_index), states)
 
     def _swap(self, images, captions, states) -> None:
-        """Put committed parts live. States first: rows are only ever appended, so a search
-        reading the old image index meanwhile finds its rows among the new states."""
-        self.states = states
-        self.image_index, self.caption_index = images, captions
+        """Put committed parts live, in one step."""
+        self.live = Live(images, captions, states)
 
     def _grown_states(self, rows: Rows, new: list[bool]) -> RegionStates:
         if rows.states is None:
