@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +27,20 @@ def machine() -> str:
     cpu += f" ({torch.backends.cpu.get_cpu_capability()})"
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return f"{cpu}, {torch.get_num_threads()} torch threads{gpu}, torch {torch.__version__}"
+
+
+def speed_probe() -> float:
+    """Seconds for a fixed piece of arithmetic (2,000 products of 256 x 256 matrices on one
+    thread): how fast this machine runs at the moment, for comparing runs on a shared host."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    x = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    for _ in range(2000):
+        x @ x
+    seconds = time.perf_counter() - t0
+    torch.set_num_threads(threads)
+    return seconds
 
 
 def commit() -> str:

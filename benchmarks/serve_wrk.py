@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from report import commit, machine, table, write_section
+from report import commit, machine, speed_probe, table, write_section
 
 from lightningdot.runtime import cache_dir
 
@@ -475,6 +475,7 @@ def first_answer(base: str, caption: str, rerank: int) -> None:
 
 
 def run(args: argparse.Namespace, work: Path) -> str:
+    probe_before = speed_probe()
     val = val_split(args.data)
     captions = pick_captions(val, max(args.queries, args.sequential))
     if args.index is not None:
@@ -510,7 +511,12 @@ def run(args: argparse.Namespace, work: Path) -> str:
     finally:
         stop_server(server)
     body = report(args, count, built, rows, seq, one)
-    return body + settings_report(args, settings_rows(args, index, captions, work))
+    body += settings_report(args, settings_rows(args, index, captions, work))
+    return body + (
+        f"\n\nSpeed probe (`report.speed_probe`: a fixed matrix product loop on one thread; this "
+        f"host is shared, and its speed varies between runs): {probe_before:.3f} s before the "
+        f"run, {speed_probe():.3f} s after."
+    )
 
 
 def settings_rows(
