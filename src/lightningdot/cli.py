@@ -282,6 +282,13 @@ def search(
     reranker: RerankerName = "default",
     json_out: Annotated[bool, opt("Print JSON instead of tables.", "--json")] = False,
     runtime: Runtime = "auto",
+    explain: Annotated[
+        Path | None,
+        opt(
+            "Folder to write why each result matched: a PNG of each image result with a heat "
+            "map of its regions; with --image, a JSON of each caption's token weights."
+        ),
+    ] = None,
 ) -> None:
     """Search an index with text queries, or with image files."""
     from lightningdot.config import RuntimeConfig
@@ -290,16 +297,50 @@ def search(
     with user_errors():
         if not queries and not image:
             raise LightningDotError("give a text query or --image FILE")
+        if explain is not None and image and similar:
+            raise LightningDotError("--explain explains text->image and image->text results")
         cross = reranker if rerank > 0 else None
         retriever = Retriever.open(index_dir, model, reranker=cross, runtime=RuntimeConfig(runtime))
+        why = explain is not None
         if image:
             labels = [str(p) for p in image]
             target = "images" if similar else "captions"
-            answers = retriever.search_image(list(image), k, target, rerank)
+            answers = retriever.search_image(list(image), k, target, rerank, explain=why)
         else:
             labels = list(queries or [])
-            answers = retriever.search_text(labels, k, rerank)
+            answers = retriever.search_text(labels, k, rerank, explain=why)
+        if explain is not None:
+            written = write_explanations(retriever, answers, explain)
     show.print_answers(labels, answers, json_out)
+    if explain is not None:
+        show.console.print(f"wrote {written} explanation file(s) to {explain}", highlight=False)
+
+
+def write_explanations(retriever, answers, out: Path) -> int:
+    """Each answer's heat maps (image results) or token weights (caption results) into `out`,
+    named by query number and rank; returns how many files."""
+    from dataclasses import asdict
+
+    from lightningdot.features import load_image
+    from lightningdot.heatmap import overlay_png
+    from lightningdot.io import atomic_path, write_json
+
+    if out.exists() and not out.is_dir():
+        raise LightningDotError(f"--explain {out} is a file; give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for q, answer in enumerate(answers, 1):
+        tokens = [{"id": r.id, **asdict(r.tokens)} for r in answer.results if r.tokens]
+        if tokens:
+            write_json(out / f"q{q:02d}-captions.json", tokens)
+            count += 1
+        for rank, r in enumerate(answer.results, 1):
+            if r.regions is not None:
+                png = overlay_png(load_image(retriever.file_of(r.id)), r.regions)
+                with atomic_path(out / f"q{q:02d}-{rank:02d}-{Path(r.id).stem}.png") as tmp:
+                    tmp.write_bytes(png)
+                count += 1
+    return count
 
 
 @app.command()

@@ -25,6 +25,7 @@ from lightningdot.config import AUTO_RUNTIME, RuntimeConfig
 from lightningdot.data import Corpus
 from lightningdot.encode import ImageInput, RegionSource, StateRows
 from lightningdot.errors import ConfigMismatchError, DataError
+from lightningdot.explain import RegionWeights, TokenWeights, explain_regions, token_weights
 from lightningdot.features import FeatureStore, RegionBatch
 from lightningdot.index.build import AddReport, add_collection
 from lightningdot.index.folder import IndexFolder, Live
@@ -46,6 +47,9 @@ class Result:
     score: float
     path: str | None = None
     caption: str | None = None  # the caption itself (image->text), or the image's first caption
+    # Why it matched, when asked (`lightningdot.explain`): an image's regions, a caption's tokens
+    regions: RegionWeights | None = None
+    tokens: TokenWeights | None = None
 
 
 @dataclass
@@ -192,6 +196,18 @@ class Retriever:
         """The file of an indexed image, from its item."""
         return self.index.file_of(item)
 
+    def file_of(self, image_id: str) -> Path:
+        """The file of the indexed image `image_id`.
+
+        Raises:
+            DataError: the image is not in the index.
+        """
+        index = self.index.live.images
+        row = index.row(image_id)
+        if row is None:
+            raise DataError(f"no image {image_id!r} in the index")
+        return self.image_file(index.items[row])
+
     def _results(self, index: VectorIndex, scores: np.ndarray, rows: np.ndarray) -> list[Result]:
         out = []
         for s, i in zip(scores.tolist(), rows.tolist(), strict=True):
@@ -239,9 +255,11 @@ class Retriever:
         k: int = 10,
         rerank: int = 0,
         received: Sequence[float] | None = None,
+        explain: bool = False,
     ) -> list[Answer]:
         """Text -> image, a batch of queries at once; `rerank=K` re-scores the top K first.
-        `received`: when each query arrived (`time.perf_counter()`), to time its wait."""
+        `received`: when each query arrived (`time.perf_counter()`), to time its wait;
+        `explain`: each result's region weights (`explain_images`)."""
         if not queries:
             raise DataError("no query given")
         check_query(k, rerank, self.reranker)
@@ -258,8 +276,50 @@ class Retriever:
                 for q, hits in zip(queries, found, strict=True)
             ]
             clock.lap("rerank", shared_by=len(queries))
+        found = [hits[:k] for hits in found]
+        if explain:
+            found = [
+                self._explained(q, torch.from_numpy(v), hits, live, rerank > 0)
+                for q, v, hits in zip(queries, vectors, found, strict=True)
+            ]
+            clock.lap("explain", shared_by=len(queries))
         arrivals = received or [None] * len(queries)
-        return [Answer(h[:k], clock.timing(t)) for h, t in zip(found, arrivals, strict=True)]
+        return [Answer(h, clock.timing(t)) for h, t in zip(found, arrivals, strict=True)]
+
+    def explain(self, query: str, image_id: str, rerank: bool = False) -> RegionWeights:
+        """Why image `image_id` matches the text `query`: a weight per region (see
+        `explain_images`); `rerank`: of the re-ranked score.
+
+        Raises:
+            DataError: the image is not in the index.
+        """
+        live = self.index.live
+        if live.images.row(image_id) is None:
+            raise DataError(f"no image {image_id!r} in the index")
+        with torch.inference_mode():
+            vector = self.model.encode_text([query])[0]
+        hit = Result(image_id, 0.0)
+        return self._explained(query, vector, [hit], live, rerank)[0].regions
+
+    def explain_images(
+        self, query: str, vector: torch.Tensor, ids: list[str], live: Live, rerank: bool
+    ) -> list[RegionWeights]:
+        """Region weights of indexed images for a text query and its vector:
+        from their region features (the feature store, else their files) by the gradient of
+        the score at each region's deletion gate, or from the states the index keeps (when it
+        has no store) by each region state's similarity to the query."""
+        rows = [live.images.row(i) for i in ids]
+        reranker = self.reranker if rerank else None
+        if live.states is not None and self.regions.store is None:
+            return explain_regions(self.model, vector, states=live.states.gather(rows))
+        files = [str(self.image_file(live.images.items[row])) for row in rows]
+        regions = self.regions.regions(ids, files)
+        text = reranker.text_states([query]) if reranker is not None else None
+        return explain_regions(self.model, vector, regions, reranker=reranker, text=text)
+
+    def _explained(self, query, vector, hits, live, rerank) -> list[Result]:
+        weights = self.explain_images(query, vector, [h.id for h in hits], live, rerank)
+        return [dataclasses.replace(h, regions=w) for h, w in zip(hits, weights, strict=True)]
 
     def _image_rescorer(self, query: str, live: Live):
         def rescore(top: list[Result], dot: torch.Tensor) -> torch.Tensor:
@@ -280,11 +340,16 @@ class Retriever:
         return vectors.numpy(), StateRows.of(states, regions)
 
     def search_image(
-        self, queries: Sequence[ImageInput], k: int = 10, target: str = "captions", rerank: int = 0
+        self,
+        queries: Sequence[ImageInput],
+        k: int = 10,
+        target: str = "captions",
+        rerank: int = 0,
+        explain: bool = False,
     ) -> list[Answer]:
         """Image -> captions (target="captions") or image -> similar images (target="images");
-        `rerank=K` re-scores the top K captions first."""
-        answers = self.search_image_all(queries, k, rerank, targets=(target,))
+        `rerank=K` re-scores the top K captions first; `explain`: the captions' token weights."""
+        answers = self.search_image_all(queries, k, rerank, (target,), explain=explain)
         return [Answer(getattr(a, target), a.timing_ms) for a in answers]
 
     @torch.inference_mode()
@@ -295,9 +360,11 @@ class Retriever:
         rerank: int = 0,
         targets: tuple[str, ...] = TARGETS,
         received: Sequence[float] | None = None,
+        explain: bool = False,
     ) -> list[ImageAnswer]:
         """Image queries against several indexes ("captions", "images"), encoding each image
-        once; `rerank=K` re-scores the top K captions. `search` times both searches."""
+        once; `rerank=K` re-scores the top K captions; `explain`: each caption result's token
+        weights (`lightningdot.explain.token_weights`). `search` times both searches."""
         indexes = self._targets(targets, rerank)
         check_query(k, rerank, self.reranker)
         clock = Stopwatch()
@@ -318,6 +385,12 @@ class Retriever:
                 for n, hits in enumerate(found["captions"])
             ]
             clock.lap("rerank", shared_by=len(queries))
+        if explain and "captions" in found:
+            found["captions"] = [
+                self._with_tokens(hits[:k], torch.from_numpy(v))
+                for hits, v in zip(found["captions"], vectors, strict=True)
+            ]
+            clock.lap("explain", shared_by=len(queries))
 
         def top(target: str, n: int) -> list[Result] | None:
             return found[target][n][:k] if target in found else None
@@ -339,6 +412,13 @@ class Retriever:
         if rerank and "captions" not in targets:
             raise DataError("re-ranking scores image-text pairs; it applies to caption results")
         return {t: indexes[t] for t in targets}
+
+    def _with_tokens(self, hits: list[Result], image: torch.Tensor) -> list[Result]:
+        if not hits:
+            return hits
+        images = image.float()[None].expand(len(hits), -1)
+        weights = token_weights(self.model, [h.caption for h in hits], images)
+        return [dataclasses.replace(h, tokens=w) for h, w in zip(hits, weights, strict=True)]
 
     def _caption_rescorer(self, image: RegionBatch):
         def rescore(top: list[Result], dot: torch.Tensor) -> torch.Tensor:

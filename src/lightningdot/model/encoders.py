@@ -26,6 +26,7 @@ from transformers import BertModel, PreTrainedTokenizerBase
 from lightningdot.config import BertSize, ImageConfig, ModelConfig, RuntimeConfig, TextConfig
 from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.features.regions import RegionBatch
+from lightningdot.model.attention import gate_bias, keys_values, layer_output
 from lightningdot.model.pooling import join_views, mean_pool
 from lightningdot.model.pretrained import (
     DEFAULT_TOKENIZER,
@@ -190,12 +191,35 @@ class ImageEncoder(nn.Module):
         )
         return out.last_hidden_state
 
-    def views(self, states: torch.Tensor, regions: RegionBatch) -> list[torch.Tensor]:
-        """(B, 1 + R, H) states of `regions` -> a (B, ·) unit vector per view."""
+    def views(
+        self, states: torch.Tensor, regions: RegionBatch, gate: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """(B, 1 + R, H) states of `regions` -> a (B, ·) unit vector per view (the pooled view's
+        mean weighted by `gate`, as in `gated_states`)."""
         views = [self.proj(states[:, 0])]
         if self.pooled is not None:
-            views.append(self.pooled(mean_pool(regions.features, regions.mask)))
+            weights = regions.mask if gate is None else gate * regions.mask
+            views.append(self.pooled(mean_pool(regions.features, weights)))
         return [F.normalize(v, dim=-1) for v in views]
+
+    def gated_states(self, regions: RegionBatch, gate: torch.Tensor) -> torch.Tensor:
+        """`forward` with region r of image b weighted by gate[b, r] in [0, 1] wherever it is
+        read: every attention (a bias of log gate on its logits) and the mean [IMG] starts from.
+        A gate of 1 leaves a region as it is and 0 deletes it, as a False in `regions.mask`
+        would, so the gradient of a score with respect to the gates is the first-order effect
+        of deleting each region (what `lightningdot.explain` reports)."""
+        tokens = self.embed(regions)
+        weights = gate * regions.mask
+        img = self.img_token.expand(len(tokens), -1).to(tokens.dtype)
+        if self.cfg.img_token_adds_mean:
+            img = img + mean_pool(tokens, weights)
+        x = torch.cat([img.unsqueeze(1), tokens], dim=1)
+        ids = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)
+        x = self.bert.embeddings(inputs_embeds=x, position_ids=ids, token_type_ids=ids + 1)
+        bias = gate_bias(torch.cat([weights.new_ones(len(x), 1), weights], 1))
+        for layer in self.bert.encoder.layer:
+            x = layer_output(layer, x, *keys_values(layer, x), bias)
+        return x
 
 
 class BiEncoder(nn.Module):

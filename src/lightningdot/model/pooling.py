@@ -8,9 +8,10 @@ import torch
 
 
 def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, H) token or region states -> (B, H) mean over the positions the mask keeps."""
+    """(B, T, H) token or region states -> (B, H) mean over the positions the mask keeps (a
+    weighted mean, for a float mask of weights)."""
     m = mask.unsqueeze(-1).to(states.dtype)
-    return (states * m).sum(1) / m.sum(1).clamp_min(1.0)
+    return (states * m).sum(1) / m.sum(1).clamp_min(1e-6)
 
 
 def join_views(views: list[torch.Tensor]) -> torch.Tensor:

@@ -18,6 +18,7 @@ from transformers import BertModel
 
 from lightningdot.config import BertSize, RerankerConfig
 from lightningdot.features.regions import RegionBatch
+from lightningdot.model.attention import gate_bias, keys_values, layer_output
 from lightningdot.model.encoders import BiEncoder
 from lightningdot.model.pooling import join_views
 from lightningdot.model.pretrained import bert_config
@@ -81,42 +82,24 @@ class CrossEncoder(nn.Module):
         width = int(t_mask.sum(1).max())  # padding beyond the longest caption is never read
         text = self.embed(text_states[t_ids, :width], 0)
         image = self.embed(image_states[i_ids], 1)
-        mask = torch.cat([t_mask[t_of, :width], image_mask[i_ids][i_of]], 1).bool()
+        mask = torch.cat([t_mask[t_of, :width], image_mask[i_ids][i_of]], 1)
+        # A float image mask holds region gates (`ImageEncoder.gated_states`): a log bias.
+        mask = gate_bias(mask) if image_mask.is_floating_point() else mask.bool()[:, None, None, :]
         *lower, last = self.bert.encoder.layer
         for layer in lower:
             keys, values = self._pair_keys_values(layer, text, t_of, image, i_of)
-            text = self._layer(layer, text[t_of], keys, values, mask)
+            text = layer_output(layer, text[t_of], keys, values, mask)
             t_of = torch.arange(len(text), device=text.device)  # one caption state per pair now
         keys, values = self._pair_keys_values(last, text, t_of, image, i_of)
-        return self.head(self._layer(last, text[t_of, :1], keys, values, mask)[:, 0]).squeeze(-1)
-
-    def _pair_keys_values(self, layer, text, text_of, image, image_of):
-        """A layer's keys and values (P, heads, T + 1 + R, ·) of each pair's caption and image,
-        each computed once per distinct caption or image state."""
-        (tk, tv), (ik, iv) = self._keys_values(layer, text), self._keys_values(layer, image)
-        return torch.cat([tk[text_of], ik[image_of]], 2), torch.cat([tv[text_of], iv[image_of]], 2)
+        out = layer_output(last, text[t_of, :1], keys, values, mask)
+        return self.head(out[:, 0]).squeeze(-1)
 
     @staticmethod
-    def _keys_values(layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, L, H) -> keys and values (N, heads, L, H / heads) of a BertLayer."""
-        att = layer.attention.self
-        split = (*x.shape[:2], -1, att.attention_head_size)
-        return att.key(x).view(split).transpose(1, 2), att.value(x).view(split).transpose(1, 2)
-
-    def _layer(self, layer, query, keys, values, mask) -> torch.Tensor:
-        """A BertLayer's output at `query` (P, Q, H) attending to given keys and values."""
-        att = layer.attention.self
-        q = att.query(query).view(*query.shape[:2], -1, att.attention_head_size).transpose(1, 2)
-        out = nn.functional.scaled_dot_product_attention(
-            q,
-            keys,
-            values,
-            attn_mask=mask[:, None, None, :],
-            dropout_p=att.dropout.p if self.training else 0.0,
-            scale=att.scaling,
-        )
-        h = layer.attention.output(out.transpose(1, 2).flatten(2), query)
-        return layer.output(layer.intermediate(h), h)
+    def _pair_keys_values(layer, text, text_of, image, image_of):
+        """A layer's keys and values (P, heads, T + 1 + R, ·) of each pair's caption and image,
+        each computed once per distinct caption or image state."""
+        (tk, tv), (ik, iv) = keys_values(layer, text), keys_values(layer, image)
+        return torch.cat([tk[text_of], ik[image_of]], 2), torch.cat([tv[text_of], iv[image_of]], 2)
 
     def stored_state(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}

@@ -4,6 +4,7 @@
     POST /search/image     image -> captions, and similar images
     POST /images           add images to the index while it serves
     GET  /images/{id}      an indexed image, or its thumbnail (?size=N)
+    GET  /images/{id}/explain?q=...   the image with a heat map of what matched the query
     GET  /  /healthz  /metrics   the web page, what is loaded, Prometheus text
 
 The routes own no model logic: they read the request, call the `Retriever` through the
@@ -17,6 +18,7 @@ import io
 import time
 from dataclasses import asdict
 from importlib import resources
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
@@ -25,7 +27,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lightningdot.errors import LightningDotError
 from lightningdot.features import load_image
-from lightningdot.retrieval import ImageAnswer, check_query
+from lightningdot.heatmap import overlay_png
+from lightningdot.retrieval import ImageAnswer, Retriever, check_query
 from lightningdot.serve.schemas import (
     ERRORS,
     AddedImage,
@@ -66,12 +69,15 @@ def query_routes(service: Service) -> APIRouter:
             int,
             Query(ge=0, le=cfg.max_rerank, description="Re-rank the top K (0: off)."),
         ] = 0,
+        explain: Annotated[
+            bool, Query(description="Add each result's region weights (`regions`).")
+        ] = False,
     ) -> SearchResponse:
         """Text -> images: the indexed images that best match the query."""
         if not q.strip():
             raise HTTPException(400, "the query is empty")
         check_query(k, rerank, retriever.reranker, NO_RERANKER)  # before it waits in the queue
-        answer = await service.search_text(TextQuery(q, k, rerank))
+        answer = await service.search_text(TextQuery(q, k, rerank, explain))
         service.metrics.observe("/search", answer.timing_ms)
         results = [to_hit(r) for r in answer.results]
         return SearchResponse(query=q, results=results, timing_ms=answer.timing_ms)
@@ -86,6 +92,7 @@ def query_routes(service: Service) -> APIRouter:
         file: Annotated[UploadFile, File(description="The query image.")],
         k: Annotated[int, Form(ge=1, le=cfg.max_k)] = 10,
         rerank: Annotated[int, Form(ge=0, le=cfg.max_rerank)] = 0,
+        explain: Annotated[bool, Form(description="Add each caption's token weights.")] = False,
     ) -> ImageSearchResponse:
         """Image -> the captions that describe it and the indexed images that look like it."""
         name, data = await read_upload(file)
@@ -98,7 +105,7 @@ def query_routes(service: Service) -> APIRouter:
         def work() -> ImageAnswer:
             image = load_image(data, name=name)  # its errors name the upload
             targets = ("captions", "images") if has_captions else ("images",)
-            return retriever.search_image_all([image], k, rerank, targets, [received])[0]
+            return retriever.search_image_all([image], k, rerank, targets, [received], explain)[0]
 
         answer = await service.on_model_thread(work)
         service.metrics.observe("/search/image", answer.timing_ms)
@@ -119,6 +126,18 @@ def thumbnail(path: str, size: int, mtime: float) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "JPEG", quality=85)
     return buf.getvalue()
+
+
+def indexed_file(retriever: Retriever, image_id: str) -> Path:
+    """The file of an indexed image (404 when the image or its file is not there)."""
+    index = retriever.image_index
+    row = index.row(image_id)
+    if row is None:
+        raise HTTPException(404, f"no image {image_id!r} in the index")
+    path = retriever.image_file(index.items[row])
+    if not path.is_file():
+        raise HTTPException(404, f"the file of image {image_id!r} is missing: {path.name}")
+    return path
 
 
 def image_routes(service: Service) -> APIRouter:
@@ -145,6 +164,36 @@ def image_routes(service: Service) -> APIRouter:
             timing_ms=added.timing_ms,
         )
 
+    # Before `/images/{id}`, whose path parameter would take the `/explain` too.
+    @router.get(
+        "/images/{image_id:path}/explain",
+        responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse}},
+        response_class=Response,
+    )
+    async def explain_image(
+        image_id: str,
+        q: Annotated[str, Query(min_length=1, max_length=cfg.max_query_chars)],
+        rerank: Annotated[
+            bool, Query(description="Explain the re-ranked score, not the dot product.")
+        ] = False,
+    ) -> Response:
+        """A PNG of the image with a heat map of the regions that matched the query."""
+        if not q.strip():
+            raise HTTPException(400, "the query is empty")
+        if rerank and retriever.reranker is None:
+            raise HTTPException(400, NO_RERANKER)
+        path = indexed_file(retriever, image_id)
+
+        def work() -> bytes:
+            weights = retriever.explain(q, image_id, rerank)
+            return overlay_png(load_image(path), weights)
+
+        try:
+            body = await service.on_model_thread(work)
+        except LightningDotError as e:
+            raise HTTPException(404, f"cannot explain image {image_id!r}: {e}") from e
+        return Response(body, media_type="image/png", headers={"X-Content-Type-Options": "nosniff"})
+
     @router.get(
         "/images/{image_id:path}",
         responses={200: {"content": {"image/*": {}}}, 404: {"model": ErrorResponse}},
@@ -157,13 +206,7 @@ def image_routes(service: Service) -> APIRouter:
         ] = 0,
     ) -> Response:
         """An indexed image: its file, or a JPEG thumbnail."""
-        index = retriever.image_index
-        row = index.row(image_id)
-        if row is None:
-            raise HTTPException(404, f"no image {image_id!r} in the index")
-        path = retriever.image_file(index.items[row])
-        if not path.is_file():
-            raise HTTPException(404, f"the file of image {image_id!r} is missing: {path.name}")
+        path = indexed_file(retriever, image_id)
         # Browsers must not guess a type other than the one sent (an upload is never a page).
         headers = {"Cache-Control": "max-age=3600", "X-Content-Type-Options": "nosniff"}
         if size == 0:

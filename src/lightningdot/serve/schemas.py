@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from urllib.parse import quote
 
 from pydantic import BaseModel, Field
 
 from lightningdot.retrieval import Result
+
+
+class Regions(BaseModel):
+    """Why an image matched (`explain=1`): its regions and what each did for the score."""
+
+    boxes: list[list[float]] = Field(description="Each region's x1, y1, x2, y2, normalised.")
+    weights: list[float] = Field(description="Each region's weight: higher, more of the match.")
+    method: str = Field(
+        description='"deletion-gradient": the score the region would take away if deleted, to '
+        'first order; "state-similarity": its state\'s cosine with the query.'
+    )
+
+
+class Tokens(BaseModel):
+    """Why a caption matched an image query (`explain=1`): its tokens' shares of the score."""
+
+    tokens: list[str]
+    weights: list[float] = Field(description="Each token's share of the dot product.")
 
 
 class Hit(BaseModel):
@@ -15,6 +34,8 @@ class Hit(BaseModel):
     path: str | None = Field(None, description="Image file (of the caption's image for captions).")
     caption: str | None = Field(None, description="The caption, or the image's first caption.")
     image_url: str | None = Field(None, description="URL of the image, from `GET /images/{id}`.")
+    regions: Regions | None = Field(None, description="With `explain=1`, on image results.")
+    tokens: Tokens | None = Field(None, description="With `explain=1`, on caption results.")
 
 
 STAGES = "`queue` (waiting for the model), `encode`, `search`, `rerank` (when asked) and `total`"
@@ -78,4 +99,8 @@ def to_hit(r: Result, image_id: str | None = None) -> Hit:
         path=r.path,
         caption=r.caption,
         image_url=image_url(image_id or r.id),
+        regions=None if r.regions is None else Regions(**asdict(r.regions)),
+        tokens=None
+        if r.tokens is None
+        else Tokens(tokens=r.tokens.tokens, weights=r.tokens.weights),
     )

@@ -30,17 +30,20 @@ class TextQuery:
     text: str
     k: int
     rerank: int
+    explain: bool = False
     received: float = field(default_factory=time.perf_counter)  # for its time in the queue
 
 
 def answer_texts(retriever: Retriever, queries: list[TextQuery]) -> list[Answer]:
-    """Answer a batch of text queries with one encode per re-rank depth present in it."""
+    """Answer a batch of text queries with one encode per kind (re-rank depth, explained or
+    not) present in it."""
     out: list[Answer | None] = [None] * len(queries)
-    for depth in sorted({q.rerank for q in queries}):
-        idx = [i for i, q in enumerate(queries) if q.rerank == depth]
+    for depth, explain in sorted({(q.rerank, q.explain) for q in queries}):
+        idx = [i for i, q in enumerate(queries) if (q.rerank, q.explain) == (depth, explain)]
         k = max(queries[i].k for i in idx)
         texts, received = [queries[i].text for i in idx], [queries[i].received for i in idx]
-        for i, a in zip(idx, retriever.search_text(texts, k, depth, received), strict=True):
+        answers = retriever.search_text(texts, k, depth, received, explain)
+        for i, a in zip(idx, answers, strict=True):
             a.results = a.results[: queries[i].k]
             out[i] = a
     return out  # type: ignore[return-value]
