@@ -140,31 +140,11 @@ def indexed_file(retriever: Retriever, image_id: str) -> Path:
     return path
 
 
-def image_routes(service: Service) -> APIRouter:
-    """Adding images, and reading them back."""
+def explain_routes(service: Service) -> APIRouter:
+    """Why an image matched a query, drawn over it. Included before `image_routes`, whose
+    `/images/{id}` would take the `/explain` into the id."""
     router, cfg, retriever = APIRouter(), service.cfg, service.retriever
 
-    @router.post(
-        "/images", response_model=AddResponse, responses=ERRORS, max_body_size=cfg.max_upload_bytes
-    )
-    async def add_images(
-        files: Annotated[list[UploadFile], File(description="One or more image files.")],
-    ) -> AddResponse:
-        """Add images to the index. All or nothing: one file that does not decode adds none."""
-        uploads = [await read_upload(f) for f in files]
-        received = time.perf_counter()
-        added = await service.on_add_thread(retriever.add_uploads, uploads, received)
-        service.metrics.observe("/images", added.timing_ms)
-        return AddResponse(
-            images=[
-                AddedImage(id=i, filename=name, added=new, image_url=image_url(i))
-                for (name, _), (i, new) in zip(uploads, added.images, strict=True)
-            ],
-            count=len(retriever.image_index),
-            timing_ms=added.timing_ms,
-        )
-
-    # Before `/images/{id}`, whose path parameter would take the `/explain` too.
     @router.get(
         "/images/{image_id:path}/explain",
         responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse}},
@@ -193,6 +173,33 @@ def image_routes(service: Service) -> APIRouter:
         except LightningDotError as e:
             raise HTTPException(404, f"cannot explain image {image_id!r}: {e}") from e
         return Response(body, media_type="image/png", headers={"X-Content-Type-Options": "nosniff"})
+
+    return router
+
+
+def image_routes(service: Service) -> APIRouter:
+    """Adding images, and reading them back."""
+    router, cfg, retriever = APIRouter(), service.cfg, service.retriever
+
+    @router.post(
+        "/images", response_model=AddResponse, responses=ERRORS, max_body_size=cfg.max_upload_bytes
+    )
+    async def add_images(
+        files: Annotated[list[UploadFile], File(description="One or more image files.")],
+    ) -> AddResponse:
+        """Add images to the index. All or nothing: one file that does not decode adds none."""
+        uploads = [await read_upload(f) for f in files]
+        received = time.perf_counter()
+        added = await service.on_add_thread(retriever.add_uploads, uploads, received)
+        service.metrics.observe("/images", added.timing_ms)
+        return AddResponse(
+            images=[
+                AddedImage(id=i, filename=name, added=new, image_url=image_url(i))
+                for (name, _), (i, new) in zip(uploads, added.images, strict=True)
+            ],
+            count=len(retriever.image_index),
+            timing_ms=added.timing_ms,
+        )
 
     @router.get(
         "/images/{image_id:path}",
