@@ -4,9 +4,14 @@ Needs Debian's `chromium` (set up by `make test` where it may install packages) 
 `playwright` package; without them the test is skipped, saying which is missing.
 """
 
+import dataclasses
+import json
 import os
 import threading
 import time
+import urllib.parse
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,13 +20,14 @@ CHROMIUM = Path(os.environ.get("LDOT_CHROMIUM", "/usr/bin/chromium"))
 ARTIFACTS = Path(os.environ.get("LDOT_TEST_ARTIFACTS", "test-artifacts"))
 
 
-@pytest.fixture
-def live_server(index_dir):
+@contextmanager
+def serving(index_dir: Path, reranker: Path):
+    """A live server on `index_dir` in a thread; yields its base URL."""
     uvicorn = pytest.importorskip("uvicorn")
     from lightningdot.retrieval import Retriever
     from lightningdot.serve import create_app
 
-    retriever = Retriever.open(index_dir, reranker=str(index_dir.parent / "rr"))
+    retriever = Retriever.open(index_dir, reranker=str(reranker))
     server = uvicorn.Server(
         uvicorn.Config(create_app(retriever), host="127.0.0.1", port=0, log_level="warning")
     )
@@ -33,9 +39,41 @@ def live_server(index_dir):
             raise RuntimeError("the server did not start")
         time.sleep(0.05)
     port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def live_server(index_dir):
+    with serving(index_dir, index_dir.parent / "rr") as url:
+        yield url
+
+
+@pytest.fixture
+def explain_server(corpus_dir, tmp_path):
+    """A live server on the tiny index made by a mean-pooled model: with [CLS] pooling, as in
+    `index_dir`, the first token carries a caption's whole score and no word has a weight."""
+    from lightningdot.config import RerankerConfig
+    from lightningdot.data import read_karpathy
+    from lightningdot.index.build import build_index
+    from lightningdot.model.checkpoint import save_model, save_reranker
+    from lightningdot.model.encoders import BiEncoder
+    from lightningdot.model.reranker import Reranker
+    from tests.helpers import tiny_model_config
+
+    cfg = tiny_model_config()
+    model = BiEncoder(dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, pooling="mean")))
+    model.init_pretrained()
+    root = tmp_path / "mean"
+    save_model(root / "model", model.eval())
+    save_reranker(root / "rr", Reranker(model, RerankerConfig()), str(root / "model"))
+    corpus = read_karpathy(corpus_dir / "captions.json", "train")
+    build_index(model, str(root / "model"), corpus, corpus_dir / "images", root / "ix")
+    with serving(root / "ix", root / "rr") as url:
+        yield url
 
 
 @pytest.fixture
@@ -82,4 +120,153 @@ def test_search_page_shows_thumbnails_scores_and_timings(live_server, browser, c
     page.wait_for_function(ALL_THUMBNAILS_DRAWN, timeout=15_000)
     assert page.locator("#captions li").count() > 0
     page.screenshot(path=str(ARTIFACTS / "image-query.png"), full_page=True)
+    assert not errors, errors
+
+
+# Per result canvas: its image id, whether it shows, the regions it drew, and the alpha of its
+# pixel at the centre of each box (mapped as the page maps them, through object-fit: cover).
+HEAT_PIXELS = """() => [...document.querySelectorAll('#results figure')].map((figure) => {
+    const canvas = figure.querySelector('canvas.heat');
+    const img = figure.querySelector('img');
+    if (!canvas) return { id: figure.title, canvas: false };
+    const w = canvas.clientWidth, h = canvas.clientHeight;
+    const visible = w > 0 && h > 0;
+    const scale = Math.max(w / img.naturalWidth, h / img.naturalHeight);
+    const dw = img.naturalWidth * scale, dh = img.naturalHeight * scale;
+    const ratio = canvas.width / Math.max(w, 1);
+    const ctx = canvas.getContext('2d');
+    const alphaAt = (x, y) => ctx.getImageData(
+        Math.floor((x * dw + (w - dw) / 2) * ratio), Math.floor((y * dh + (h - dh) / 2) * ratio),
+        1, 1).data[3];
+    return { id: figure.title, canvas: true, visible, drawn: Number(canvas.dataset.drawn),
+             alphaAt: JSON.parse(figure.dataset.centres || '[]').map(([x, y]) => alphaAt(x, y)) };
+})"""
+
+ALL_HEAT_DRAWN = """() => {
+    const figures = [...document.querySelectorAll('#results figure')];
+    return figures.length > 0 && figures.every((f) => {
+        const c = f.querySelector('canvas.heat');
+        return c && c.width > 0 && f.querySelector('img').complete;
+    });
+}"""
+
+
+def strongest_word(tokens: dict) -> tuple[str, float]:
+    """The word (its "##" pieces joined, special tokens left out) of the largest weight."""
+    words: list[list] = []
+    for token, weight in zip(tokens["tokens"], tokens["weights"], strict=True):
+        if token in ("[CLS]", "[SEP]", "[PAD]"):
+            continue
+        if token.startswith("##") and words:
+            words[-1][0] += token[2:]
+            words[-1][1] += weight
+        else:
+            words.append([token, weight])
+    word, weight = max(words, key=lambda w: w[1])
+    return word, weight
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.load(response)
+
+
+def test_why_toggle_tints_matching_regions_and_marks_strongest_words(
+    explain_server, browser, corpus_dir
+):
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(explain_server)
+    page.wait_for_function("() => document.getElementById('info').textContent.includes('8 images')")
+
+    # A query made with the toggle off has no overlays; turning it on asks again, explained.
+    page.fill("#q", "a red picture")
+    page.press("#q", "Enter")
+    page.wait_for_function(ALL_THUMBNAILS_DRAWN, timeout=15_000)
+    assert page.locator("#results canvas.heat").count() == 0
+    with page.expect_response(lambda r: "/search?" in r.url and "explain=1" in r.url):
+        page.check("#explain")
+    page.wait_for_function(ALL_HEAT_DRAWN, timeout=15_000)
+    assert page.locator("#results figure").count() == 8
+    assert page.locator("#results canvas.heat").count() == 8  # one per result
+    assert "deletion-gradient" in page.inner_text("#images-note") or "state-similarity" in (
+        page.inner_text("#images-note")
+    )
+
+    # What the server says about each result, to check the drawing against.
+    params = urllib.parse.urlencode({"q": "a red picture", "k": 20, "rerank": 0, "explain": 1})
+    regions = {
+        h["id"]: h["regions"] for h in get_json(f"{explain_server}/search?{params}")["results"]
+    }
+    for figure in page.locator("#results figure").all():
+        boxes = regions[figure.get_attribute("title")]["boxes"]
+        centres = [[(x1 + x2) / 2, (y1 + y2) / 2] for x1, y1, x2, y2 in boxes]
+        figure.evaluate("(f, c) => { f.dataset.centres = JSON.stringify(c); }", centres)
+    heat = page.evaluate(HEAT_PIXELS)
+    assert all(h["canvas"] and h["visible"] for h in heat), heat
+    assert sum(h["drawn"] for h in heat) > 0, heat
+    for h in heat:
+        weights = regions[h["id"]]["weights"]
+        assert h["drawn"] == sum(w > 0 for w in weights), (h, weights)
+        for w, alpha in zip(weights, h["alphaAt"], strict=True):
+            if w <= 0:
+                assert alpha < 8, (h, weights)  # a region that lowered the score: no tint
+            elif w == max(weights):
+                assert alpha > 120, (h, weights)  # the strongest region: the deepest tint
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "explain-text-query.png"), full_page=True)
+
+    # Off, the overlays hide; on again, they are back without asking the server again.
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.uncheck("#explain")
+    assert not page.locator("#results canvas.heat").first.is_visible()
+    assert not page.locator("#images-note").is_visible()
+    page.check("#explain")
+    page.wait_for_function(ALL_HEAT_DRAWN)
+    assert page.evaluate(HEAT_PIXELS) == heat
+    assert not [url for url in requests if "/search" in url], requests
+
+    # Re-ranked results are explained too.
+    with page.expect_response(lambda r: "rerank=0" not in r.url and "explain=1" in r.url):
+        page.check("#rerank")
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('rerank')")
+    page.wait_for_function(ALL_HEAT_DRAWN, timeout=15_000)
+    assert page.locator("#results canvas.heat").count() == 8
+    with page.expect_response(lambda r: "/search?" in r.url and "rerank=0" in r.url):
+        page.uncheck("#rerank")
+
+    # An image query, explained: each caption as written, its strongest words marked.
+    with page.expect_response(lambda r: r.url.endswith("/search/image")) as answer:
+        page.set_input_files("#image-query", str(corpus_dir / "images" / "img03.png"))
+    captions = answer.value.json()["captions"]
+    assert captions and all(c["tokens"] for c in captions)
+    page.wait_for_selector("#captions li")
+    items = page.locator("#captions li")
+    assert items.count() == len(captions)
+    for item, hit in zip(items.all(), captions, strict=True):
+        text = item.inner_text()
+        assert text.endswith(hit["caption"]) and "[CLS]" not in text and "[SEP]" not in text
+        marked = [m.inner_text() for m in item.locator("mark").all()]
+        assert len(marked) <= 3
+        word, weight = strongest_word(hit["tokens"])
+        assert (word in marked) == (weight > 0), (word, weight, marked)
+    marks = page.locator("#captions mark")
+    assert marks.count() > 0
+    assert all(m.inner_text().strip() for m in marks.all())
+    assert marks.first.is_visible()
+    page.screenshot(path=str(ARTIFACTS / "explain-image-query.png"), full_page=True)
+
+    # Turned off, nothing is marked, and a new query asks for no explanations.
+    page.uncheck("#explain")
+    assert page.locator("#captions mark").first.evaluate(
+        "(m) => getComputedStyle(m).backgroundColor"
+    ) in ("rgba(0, 0, 0, 0)", "transparent")
+    page.fill("#q", "a red picture")
+    with page.expect_response(lambda r: "/search?" in r.url) as plain:
+        page.press("#q", "Enter")
+    assert "explain" not in plain.value.url
+    page.wait_for_function(ALL_THUMBNAILS_DRAWN, timeout=15_000)
+    assert page.locator("#results canvas.heat").count() == 0
     assert not errors, errors
