@@ -24,6 +24,8 @@ def test_extract_command_reports_skips_and_resumes(corpus_dir, tmp_path):
         str(corpus_dir / "captions.json"),
         "--backbone",
         "test-colour",
+        "--runtime",  # a backbone without a grid network stays eager on any runtime
+        "onnx",
     ]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output

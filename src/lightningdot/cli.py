@@ -70,13 +70,15 @@ def extract(
     detector: Annotated[bool, opt("Import precomputed detector regions (.npz per image).")] = False,
     batch_size: int = 32,
     shard_size: int = 256,
+    runtime: Runtime = "auto",
 ) -> None:
     """Extract region features of a collection into a feature store (resumable)."""
+    from lightningdot.config import RuntimeConfig
     from lightningdot.features.extract import extract_collection
 
     with user_errors(), show.progress_bar() as bar:
         args = (images, out, annotations, split, backbone, detector, batch_size, shard_size)
-        summary = extract_collection(*args, show.Bar(bar))
+        summary = extract_collection(*args, show.Bar(bar), RuntimeConfig(runtime))
     show.print_extracted(summary, out)
 
 

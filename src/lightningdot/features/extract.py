@@ -10,12 +10,14 @@ from pathlib import Path
 
 import torch
 
+from lightningdot.config import AUTO_RUNTIME, RuntimeConfig
 from lightningdot.data import read_collection
 from lightningdot.errors import DataError
 from lightningdot.features.backbones import Backbone, create_backbone, load_image
 from lightningdot.features.detector import read_detector_npz
 from lightningdot.features.store import FeatureStoreWriter, StoreInfo
 from lightningdot.progress import Progress, Silent
+from lightningdot.runtime import accelerate_backbone
 
 
 @dataclass
@@ -132,9 +134,11 @@ def extract_collection(
     batch_size: int = 32,
     shard_size: int = 256,
     progress: Progress | None = None,
+    runtime: RuntimeConfig = AUTO_RUNTIME,
 ) -> ExtractSummary:
     """`ldot extract`: the images an annotation file names (or all under `image_dir`) through
-    the backbone, or with `detector` every `.npz` of precomputed regions under `image_dir`."""
+    the backbone (on `runtime`), or with `detector` every `.npz` of precomputed regions under
+    `image_dir`."""
     progress = progress or Silent()
     if detector:
         files = sorted(image_dir.rglob("*.npz")) if image_dir.is_dir() else []
@@ -145,6 +149,6 @@ def extract_collection(
         return import_detector_features(items, out, shard_size, progress.advance)
     corpus = read_collection(image_dir, annotations, split)
     items = [(k, image_dir / k) for k in corpus.keys()]
-    net = create_backbone(backbone)
+    net = accelerate_backbone(create_backbone(backbone), runtime)
     progress.start(len(items), "extracting")
     return extract_images(items, out, net, batch_size, shard_size, progress.advance)
