@@ -139,7 +139,9 @@ def test_explanations_from_kept_states_and_from_a_feature_store(
     corpus = read_karpathy(corpus_dir / "captions.json", "train")
     model = load_model(str(model_dir))
     ix2 = tmp_path / "ix2"
-    build_index(model, str(model_dir), corpus, corpus_dir / "images", ix2, features=FeatureStore(store_dir))
+    build_index(
+        model, str(model_dir), corpus, corpus_dir / "images", ix2, features=FeatureStore(store_dir)
+    )
     r2 = Retriever.open(ix2, reranker=str(index_dir.parent / "rr"))
     hits = r2.search_text(["a red picture"], k=3, rerank=4, explain=True)[0].results
     assert all(h.regions.method == "deletion-gradient" for h in hits)
