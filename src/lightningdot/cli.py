@@ -235,6 +235,13 @@ def index(
             "--states/--no-states",
         ),
     ] = None,
+    metadata: Annotated[
+        Path | None,
+        opt(
+            "Fields of the images for filters: JSON Lines or CSV, a row per image keyed by "
+            "its `path` in the folder; bad rows are skipped and named."
+        ),
+    ] = None,
 ) -> None:
     """Encode a collection into a FAISS index (images, and captions when known)."""
     from lightningdot.config import RuntimeConfig
@@ -247,7 +254,8 @@ def index(
                 "--states/--no-states is for a build: an add keeps the index's own"
             )
         if add:
-            report = add_images(out, images, annotations, split, model, features, progress, run_on)
+            args = (out, images, annotations, split, model, features, progress, run_on)
+            report = add_images(*args, fields_file=metadata)
         else:
             report = index_images(
                 out,
@@ -260,12 +268,14 @@ def index(
                 progress,
                 run_on,
                 states is not False,
+                metadata,
             )
     if add:
         show.console.print(f"added {report.added} new image(s); {report.total} in {out}")
     else:
         show.print_built(report, factory, out)
     show.print_skipped(report.failed)
+    show.print_skipped(report.skipped_fields, "metadata row(s)")
 
 
 @app.command()
@@ -291,10 +301,15 @@ def search(
             "map of its regions; with --image, a JSON of each caption's token weights."
         ),
     ] = None,
+    filter: Annotated[
+        str | None,
+        opt('Only images whose fields pass this JSON filter, e.g. \'{"folder": "trips/"}\'.'),
+    ] = None,
+    offset: Annotated[int, opt("Skip this many results first (paging).")] = 0,
 ) -> None:
     """Search an index with text queries, or with image files."""
     from lightningdot.config import RuntimeConfig
-    from lightningdot.retrieval import Retriever
+    from lightningdot.retrieval import Page, Retriever
 
     with user_errors():
         if not queries and not image:
@@ -303,19 +318,37 @@ def search(
             raise LightningDotError("--explain explains text->image and image->text results")
         cross = reranker if rerank > 0 else None
         retriever = Retriever.open(index_dir, model, reranker=cross, runtime=RuntimeConfig(runtime))
-        why = explain is not None
+        why, page = explain is not None, Page(filter, offset)
         if image:
             labels = [str(p) for p in image]
             target = "images" if similar else "captions"
-            answers = retriever.search_image(list(image), k, target, rerank, explain=why)
+            answers = retriever.search_image(list(image), k, target, rerank, why, page)
         else:
             labels = list(queries or [])
-            answers = retriever.search_text(labels, k, rerank, explain=why)
+            answers = retriever.search_text(labels, k, rerank, explain=why, page=page)
         if explain is not None:
             written = write_explanations(retriever, answers, explain)
     show.print_answers(labels, answers, json_out)
     if explain is not None:
         show.console.print(f"wrote {written} explanation file(s) to {explain}", highlight=False)
+
+
+@app.command()
+def delete(
+    index_dir: IndexDir,
+    image_ids: Annotated[list[str], typer.Argument(help="Ids of the images to delete.")],
+) -> None:
+    """Delete images, and their captions, from an index: all of them or, if one is not in
+    the index, none."""
+    from lightningdot.index.folder import IndexFolder
+
+    with user_errors():
+        index = IndexFolder.load(index_dir)
+        index.delete(image_ids)
+    show.console.print(
+        f"deleted {len(image_ids)} image(s); {index.image_index.count} left in {index_dir}",
+        highlight=False,
+    )
 
 
 def write_explanations(retriever, answers, out: Path) -> int:

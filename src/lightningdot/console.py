@@ -77,10 +77,10 @@ def print_extracted(summary, out: Path) -> None:
         console.print(f"  [yellow]skipped[/] {escape(key)}: {escape(reason)}")
 
 
-def print_skipped(failed: list[tuple[str, str]]) -> None:
-    """The images a build or an add skipped because their files do not decode."""
+def print_skipped(failed: list[tuple[str, str]], what: str = "image(s) that do not decode") -> None:
+    """What a build or an add skipped (by default: images whose files do not decode)."""
     if failed:
-        console.print(f"[yellow]skipped {len(failed)} image(s) that do not decode:[/]")
+        console.print(f"[yellow]skipped {len(failed)} {escape(what)}:[/]")
     for key, reason in failed:
         console.print(f"  {escape(key)}: {escape(reason)}")
 

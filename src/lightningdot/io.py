@@ -52,6 +52,15 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """`dst` as a hard link to the file `src` (a copy where the file system cannot link): for
+    files that are never written again once committed."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Flush a folder's entries (the names created, renamed or removed in it) to disk."""
     fd = os.open(path, os.O_RDONLY)

@@ -28,6 +28,7 @@ from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.explain import RegionWeights, TokenWeights, explain_regions, token_weights
 from lightningdot.features import FeatureStore, RegionBatch
 from lightningdot.index.build import AddReport, add_collection
+from lightningdot.index.filters import parse_filter
 from lightningdot.index.folder import IndexFolder, Live
 from lightningdot.index.record import Manifest
 from lightningdot.index.uploads import add_uploads
@@ -75,6 +76,39 @@ class Added:
     images: list[tuple[str, bool]]  # (id, False when the same image was already indexed)
     timing_ms: dict[str, float] = field(default_factory=dict)
 
+
+@dataclass(frozen=True)
+class Page:
+    """Which of a query's results to return: those passing `filter` (a filter's JSON text or
+    object, `lightningdot.index.filters`), past the first `offset`, scoring at least
+    `min_score`."""
+
+    filter: str | dict | None = None
+    offset: int = 0
+    min_score: float | None = None
+
+    def allowed(self, index: VectorIndex) -> np.ndarray | None:
+        """The rows of `index` the filter lets through (None: all).
+
+        Raises:
+            FilterError: the filter does not parse or names what the index does not know.
+            DataError: a negative offset.
+        """
+        if self.offset < 0:
+            raise DataError(f"offset must be 0 or more, not {self.offset}")
+        if not self.filter:
+            return None
+        spec = parse_filter(self.filter, index.columns.kinds)
+        return None if spec is None else spec.mask(index.columns)
+
+    def cut(self, results: list[Result], k: int) -> list[Result]:
+        page = results[self.offset : self.offset + k]
+        if self.min_score is None:
+            return page
+        return [r for r in page if r.score >= self.min_score]
+
+
+FIRST_PAGE = Page()
 
 NO_RERANKER = "re-ranking needs a re-ranker: open the index with one (--reranker)"
 
@@ -256,18 +290,21 @@ class Retriever:
         rerank: int = 0,
         received: Sequence[float] | None = None,
         explain: bool = False,
+        page: Page = FIRST_PAGE,
     ) -> list[Answer]:
         """Text -> image, a batch of queries at once; `rerank=K` re-scores the top K first.
         `received`: when each query arrived (`time.perf_counter()`), to time its wait;
-        `explain`: each result's region weights (`explain_images`)."""
+        `explain`: each result's region weights (`explain_images`); `page`: which results
+        (a filter, an offset, a lowest score)."""
         if not queries:
             raise DataError("no query given")
         check_query(k, rerank, self.reranker)
         clock = Stopwatch()
+        live = self.index.live  # once: a change may put a new version live meanwhile
+        allowed = page.allowed(live.images)
         vectors = self.model.encode_text(queries).numpy()
         clock.lap("encode")
-        live = self.index.live  # once: an add may put a new version live meanwhile
-        scores, rows = live.images.search(vectors, max(k, rerank))
+        scores, rows = live.images.search(vectors, max(k + page.offset, rerank), allowed=allowed)
         clock.lap("search")
         found = [self._results(live.images, s, i) for s, i in zip(scores, rows, strict=True)]
         if rerank:
@@ -276,7 +313,7 @@ class Retriever:
                 for q, hits in zip(queries, found, strict=True)
             ]
             clock.lap("rerank", shared_by=len(queries))
-        found = [hits[:k] for hits in found]
+        found = [page.cut(hits, k) for hits in found]
         if explain:
             found = [
                 self._explained(q, torch.from_numpy(v), hits, live, rerank > 0)
@@ -346,10 +383,12 @@ class Retriever:
         target: str = "captions",
         rerank: int = 0,
         explain: bool = False,
+        page: Page = FIRST_PAGE,
     ) -> list[Answer]:
         """Image -> captions (target="captions") or image -> similar images (target="images");
-        `rerank=K` re-scores the top K captions first; `explain`: the captions' token weights."""
-        answers = self.search_image_all(queries, k, rerank, (target,), explain=explain)
+        `rerank=K` re-scores the top K captions first; `explain`: the captions' token weights;
+        `page` as for `search_text` (a filter: on the images a caption describes)."""
+        answers = self.search_image_all(queries, k, rerank, (target,), explain=explain, page=page)
         return [Answer(getattr(a, target), a.timing_ms) for a in answers]
 
     @torch.inference_mode()
@@ -361,12 +400,15 @@ class Retriever:
         targets: tuple[str, ...] = TARGETS,
         received: Sequence[float] | None = None,
         explain: bool = False,
+        page: Page = FIRST_PAGE,
     ) -> list[ImageAnswer]:
         """Image queries against several indexes ("captions", "images"), encoding each image
         once; `rerank=K` re-scores the top K captions; `explain`: each caption result's token
-        weights (`lightningdot.explain.token_weights`). `search` times both searches."""
+        weights (`lightningdot.explain.token_weights`); `page` as for `search_image`. `search`
+        times both searches."""
         indexes = self._targets(targets, rerank)
         check_query(k, rerank, self.reranker)
+        allowed = self._allowed_of(indexes, page)
         clock = Stopwatch()
         regions = self.regions.of_images(queries)
         vectors = self.model.encode_image(regions).numpy()
@@ -375,8 +417,8 @@ class Retriever:
         for t, index in indexes.items():
             # Only captions are re-ranked. An image index's prior was drawn from text queries;
             # image->image is plain similarity.
-            depth = max(k, rerank) if t == "captions" else k
-            scores, rows = index.search(vectors, depth, with_prior=t == "captions")
+            depth = max(k + page.offset, rerank) if t == "captions" else k + page.offset
+            scores, rows = index.search(vectors, depth, t == "captions", allowed[t])
             found[t] = [self._results(index, s, i) for s, i in zip(scores, rows, strict=True)]
             clock.lap("search")
         if rerank:
@@ -393,7 +435,7 @@ class Retriever:
             clock.lap("explain", shared_by=len(queries))
 
         def top(target: str, n: int) -> list[Result] | None:
-            return found[target][n][:k] if target in found else None
+            return page.cut(found[target][n], k) if target in found else None
 
         arrivals = received or [None] * len(queries)
         return [
@@ -412,6 +454,30 @@ class Retriever:
         if rerank and "captions" not in targets:
             raise DataError("re-ranking scores image-text pairs; it applies to caption results")
         return {t: indexes[t] for t in targets}
+
+    def _allowed_of(self, indexes: dict[str, VectorIndex], page: Page) -> dict:
+        """Each target's rows the page's filter lets through: images by their fields, captions
+        by their image's."""
+        images = indexes["images"] if "images" in indexes else self.index.live.images
+        allowed = page.allowed(images)
+        out = {t: allowed for t in indexes}
+        if allowed is not None and "captions" in indexes:
+            captions = indexes["captions"]
+            rows = [images.row(it.get("image", "")) for it in captions.items]
+            out["captions"] = np.array([r is not None and allowed[r] for r in rows], dtype=bool)
+        return out
+
+    def delete(self, image_ids: list[str]) -> None:
+        """Delete images and their captions, all or none (`IndexFolder.delete`).
+
+        Raises:
+            DataError: an id is not in the index.
+        """
+        self.index.delete(image_ids)
+
+    def update_fields(self, image_id: str, fields: dict) -> dict:
+        """Update an image's fields (`IndexFolder.update_fields`); returns them as committed."""
+        return self.index.update_fields(image_id, fields)
 
     def _with_tokens(self, hits: list[Result], image: torch.Tensor) -> list[Result]:
         if not hits:

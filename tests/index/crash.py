@@ -151,7 +151,25 @@ def run_build(folder: Path, images: str, annotations: str | None, model: str) ->
     index_images(folder, Path(images), Path(annotations) if annotations else None, model=model)
 
 
-OPS = {"add": run_add, "upload": run_upload, "build": run_build}
+def run_delete(folder: Path, ids: list[str]) -> None:
+    """Delete those of `ids` still in the index (so that running it again finishes it)."""
+    index = IndexFolder.load(folder)
+    present = [i for i in ids if index.image_index.row(i) is not None]
+    if present:
+        index.delete(present)
+
+
+def run_update(folder: Path, image_id: str, fields: dict) -> None:
+    IndexFolder.load(folder).update_fields(image_id, fields)
+
+
+OPS = {
+    "add": run_add,
+    "upload": run_upload,
+    "build": run_build,
+    "delete": run_delete,
+    "update": run_update,
+}
 
 
 def trial(spec: dict, crash_at: int) -> bool:
@@ -203,7 +221,8 @@ def state(folder: Path):
     def part(ix: VectorIndex | None):
         if ix is None:
             return None
-        return json.dumps(ix.items, sort_keys=True), ix.index.reconstruct_n(0, len(ix))
+        items = [ix.items[row] for row in ix.live_rows()]  # deleted ones are not seen
+        return json.dumps(items, sort_keys=True), ix.index.reconstruct_n(0, len(ix))
 
     return part(index.image_index), part(index.caption_index), index.manifest.roots
 

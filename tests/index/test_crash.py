@@ -54,6 +54,18 @@ def test_an_upload_is_all_or_nothing(index, more_photos, tmp_path, fault):
     check(crash_every_step(tmp_path, "upload", index, fault, files=files))
 
 
+@pytest.mark.parametrize("fault", ["kill", "enospc"])
+def test_a_delete_is_all_or_nothing(index, tmp_path, fault):
+    """Two images and their captions."""
+    check(crash_every_step(tmp_path, "delete", index, fault, ids=["img01.png", "img02.png"]))
+
+
+@pytest.mark.parametrize("fault", ["kill", "enospc"])
+def test_an_update_of_fields_is_all_or_nothing(index, tmp_path, fault):
+    fields = {"stock": 3, "label": "sale"}
+    check(crash_every_step(tmp_path, "update", index, fault, image_id="img01.png", fields=fields))
+
+
 def test_the_first_add_to_a_folder_of_the_older_layout_is_all_or_nothing(
     index, more_photos, tmp_path
 ):

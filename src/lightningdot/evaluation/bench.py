@@ -70,7 +70,7 @@ def run_bench(
     vectors = encode_regions(bi, regions.chunks(256)).numpy()
     items = [{"id": k} for k in corpus.keys()]
     index = VectorIndex.build(vectors, items, "bench", prior=priors_of(bi.bank)[0])
-    k = min(rerank_k, len(index))
+    k = min(rerank_k, index.count)
     rng = np.random.default_rng(0)
     pool = corpus.captions
     queries = [pool[i] for i in rng.permutation(len(pool))[: max(n_queries, n_full_queries)]]
@@ -104,7 +104,7 @@ def run_bench(
         "cross_full": _median_ms(cross_full, queries[:n_full_queries]),
     }
     report = BenchReport(
-        gallery=len(index),
+        gallery=index.count,
         queries={"dot": n_queries, "dot_rerank": n_queries, "cross_full": n_full_queries},
         ms_per_query={name: round(v, 3) for name, v in ms.items()},
         speedup={

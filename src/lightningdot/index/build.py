@@ -20,6 +20,7 @@ from lightningdot.encode import Encoded, RegionSource, encode_readable, encode_t
 from lightningdot.errors import DataError
 from lightningdot.features import FeatureStore
 from lightningdot.index.folder import CaptionRows, IndexFolder, Rows, root_name
+from lightningdot.index.metadata import file_metadata, read_fields_file
 from lightningdot.index.record import Manifest
 from lightningdot.index.states import RegionStates
 from lightningdot.index.storage import check_buildable
@@ -30,11 +31,25 @@ from lightningdot.progress import Progress, Silent
 from lightningdot.runtime import accelerate
 
 
-def image_items(images: list[ImageRecord], root: str, prefix: str = "") -> list[dict]:
-    return [
+def image_items(
+    images: list[ImageRecord],
+    root: str,
+    prefix: str = "",
+    folder: Path | None = None,
+    fields: dict[str, dict] | None = None,
+) -> list[dict]:
+    """The items of a collection's images; with `folder`, the root's folder, with what their
+    files say of them (`lightningdot.index.metadata`), and the user's `fields` by path."""
+    items = [
         {"id": prefix + im.key, "root": root, "path": im.key, "captions": im.captions}
         for im in images
     ]
+    for it in items:
+        meta = file_metadata(folder / it["path"]) if folder is not None else {}
+        meta.update((fields or {}).get(it["path"], {}))
+        if meta:
+            it["meta"] = meta
+    return items
 
 
 def caption_items(items: list[dict]) -> list[dict]:
@@ -51,6 +66,7 @@ class BuildReport:
     recall_at_10: float | None = None  # of an approximate image index against exact search
     recall_queries: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (key, why) of images skipped
+    skipped_fields: list[tuple[str, str]] = field(default_factory=list)  # (row, why)
 
 
 @dataclass
@@ -58,6 +74,7 @@ class AddReport:
     added: int  # images added
     total: int  # images in the index after the add
     failed: list[tuple[str, str]] = field(default_factory=list)  # (key, why) of images skipped
+    skipped_fields: list[tuple[str, str]] = field(default_factory=list)  # (row, why)
 
 
 def _encode(
@@ -80,6 +97,7 @@ def build_index(
     progress: Progress | None = None,
     recall_sample: int = 1000,
     states: bool = True,
+    fields: dict[str, dict] | None = None,
 ) -> BuildReport:
     """Encode a collection (reusing stored features when given) into the index folder `out`,
     new or replaced whole in one commit.
@@ -103,7 +121,7 @@ def build_index(
         raise DataError(f"none of the images under {image_dir} could be read")
     identity = index_identity(model)
     vectors, root = encoded.vectors.numpy(), Path(image_dir).resolve()
-    items = image_items(corpus.images, root_name(root))
+    items = image_items(corpus.images, root_name(root), folder=root, fields=fields)
     images = VectorIndex.build(vectors, items, identity, cfg, image_prior)
     report = BuildReport({"images": images}, failed=encoded.failed)
     if encoded.states is not None:
@@ -131,6 +149,7 @@ def add_collection(
     image_dir: Path,
     features: FeatureStore | None = None,
     progress: Progress | None = None,
+    fields: dict[str, dict] | None = None,
 ) -> AddReport:
     """Append the corpus's images not yet indexed (and their captions) in one commit, without a
     rebuild. Run again after an interruption, it adds what the interrupted run did not.
@@ -147,13 +166,13 @@ def add_collection(
             im for im, it in zip(corpus.images, items, strict=True) if not index.indexed(it, where)
         ]
     if not fresh:
-        return AddReport(0, len(index.image_index))
+        return AddReport(0, index.image_index.count)
     source = RegionSource.of(model, features, image_dir)
     keeps = index.states is not None
     readable, encoded = _encode(model, Corpus(fresh), source, progress or Silent(), keeps)
     added = 0
     if readable.images:
-        items = image_items(readable.images, root, prefix)
+        items = image_items(readable.images, root, prefix, where, fields)
         captions: CaptionRows | None = None
         if readable.captions:
             captions = (encode_texts(model, readable.captions).numpy(), caption_items(items))
@@ -161,7 +180,7 @@ def add_collection(
             encoded.vectors.numpy(), items, captions, (root, str(where)), states=encoded.states
         )
         added = sum(index.append(rows))
-    return AddReport(added, len(index.image_index), encoded.failed)
+    return AddReport(added, index.image_index.count, encoded.failed)
 
 
 def index_images(
@@ -175,18 +194,35 @@ def index_images(
     progress: Progress | None = None,
     runtime: RuntimeConfig = AUTO_RUNTIME,
     states: bool = True,
+    fields_file: Path | None = None,
 ) -> BuildReport:
     """`ldot index`: the images an annotation file names (with their captions), or every image
     under `image_dir`, into the index folder `out`, by `model` (default: "default") run on
-    `runtime`; `states`: keep what re-ranking reads of each image (about 63 KB each)."""
+    `runtime`; `states`: keep what re-ranking reads of each image (about 63 KB each);
+    `fields_file`: the user's fields of the images (`read_fields_file`)."""
     corpus = read_collection(image_dir, annotations, split)
+    fields, skipped = user_fields(fields_file, corpus)
     model = model or "default"
     net = accelerate(load_model(model), runtime)
     if Path(model).is_dir():  # recorded so that the folder opens from any working directory
         model = str(Path(model).resolve())
     store = FeatureStore(features) if features is not None else None
     cfg = IndexConfig(factory=factory)
-    return build_index(net, model, corpus, image_dir, out, cfg, store, progress, states=states)
+    args = (net, model, corpus, image_dir, out, cfg, store, progress)
+    report = build_index(*args, states=states, fields=fields)
+    report.skipped_fields = skipped
+    return report
+
+
+def user_fields(path: Path | None, corpus: Corpus) -> tuple[dict[str, dict], list]:
+    """The fields file's rows for the corpus's images, and the rows skipped (a row naming an
+    image the corpus lacks among them)."""
+    if path is None:
+        return {}, []
+    fields, skipped = read_fields_file(path)
+    keys = set(corpus.keys())
+    skipped += [(p, "no such image in the collection") for p in fields if p not in keys]
+    return {p: f for p, f in fields.items() if p in keys}, skipped
 
 
 def add_images(
@@ -198,11 +234,16 @@ def add_images(
     features: Path | None = None,
     progress: Progress | None = None,
     runtime: RuntimeConfig = AUTO_RUNTIME,
+    fields_file: Path | None = None,
 ) -> AddReport:
     """`ldot index --add`: the collection's images not yet in the index folder `out` (by
-    default with the model that built it, run on `runtime`)."""
+    default with the model that built it, run on `runtime`), with the user's fields from
+    `fields_file`."""
     corpus = read_collection(image_dir, annotations, split)
+    fields, skipped = user_fields(fields_file, corpus)
     net = accelerate(load_model(model or Manifest.read(Path(out)).model), runtime)
     index = IndexFolder.open(out, net, mmap=False)
     store = FeatureStore(features) if features is not None else None
-    return add_collection(index, net, corpus, Path(image_dir), store, progress)
+    report = add_collection(index, net, corpus, Path(image_dir), store, progress, fields)
+    report.skipped_fields = skipped
+    return report

@@ -42,6 +42,7 @@ from filelock import FileLock, Timeout
 from lightningdot.encode import StateRows
 from lightningdot.errors import DataError
 from lightningdot.features import FeatureStore
+from lightningdot.index.metadata import check_fields
 from lightningdot.index.record import UPLOADS, Manifest, legacy_upload
 from lightningdot.index.states import RegionStates
 from lightningdot.index.storage import (
@@ -253,7 +254,8 @@ class IndexFolder:
         if self._files is None or self._files[0] is not self.image_index:
             roots = {}
             held = set()
-            for it in self.image_index.items:
+            index = self.image_index
+            for it in (index.items[row] for row in index.live_rows()):
                 if "path" not in it:
                     continue
                 key = it.get("root")
@@ -314,9 +316,53 @@ class IndexFolder:
         if self.states is not None:
             indexes["states"] = self._grown_states(rows, new)
         uploads = {k: v for k, v in rows.uploads.items() if images.row(k) is not None}
+        self._commit(replace(self.manifest, roots=roots), indexes, uploads)
+
+    def delete(self, image_ids: list[str]) -> None:
+        """Delete images, and their captions, in one commit (`VectorIndex.without`); an
+        uploaded image's file goes with it. Searches running meanwhile see all or none of it.
+
+        Raises:
+            DataError: an id is not in the index (nothing is deleted).
+        """
+        if len(set(image_ids)) != len(image_ids):
+            raise DataError(f"image ids repeated among those deleted: {image_ids[:3]}")
+        with self.writing():
+            indexes: dict = {"images": self.image_index.without(image_ids)}
+            captions = self._caption_ids(image_ids)
+            if captions:
+                indexes["captions"] = self.caption_index.without(captions)
+            self._commit(self.manifest, indexes, {})
+
+    def update_fields(self, image_id: str, fields: dict) -> dict:
+        """Update an image's fields in one commit (`VectorIndex.with_fields`); returns its
+        fields as committed.
+
+        Raises:
+            DataError: the id is not in the index, or a field cannot be set (`check_fields`).
+        """
+        check_fields(fields)
+        with self.writing():
+            images = self.image_index.with_fields(image_id, fields)
+            self._commit(self.manifest, {"images": images}, {})
+        return images.items[images.row(image_id)].get("meta", {})
+
+    def _caption_ids(self, image_ids: list[str]) -> list[str]:
+        """The ids of these images' captions in the caption index."""
+        index = self.caption_index
+        if index is None:
+            return []
+        out = []
+        for image_id in image_ids:
+            item = self.image_index.items[self.image_index.row(image_id)]
+            out += [f"{image_id}#{j}" for j in range(len(item.get("captions") or []))]
+        return [c for c in out if index.row(c) is not None]
+
+    def _commit(self, manifest: Manifest, indexes: dict, uploads: dict[str, bytes]) -> None:
+        """Commit the changed parts `indexes` under `manifest`, then put them live; a failed
+        commit leaves the folder and what is live as they were."""
         try:
-            grown = replace(self.manifest, roots=roots)
-            self.manifest = commit(self.folder, self.manifest, grown, indexes, uploads)
+            self.manifest = commit(self.folder, self.manifest, manifest, indexes, uploads)
         except BaseException:
             if Manifest.read(self.folder).version == self.manifest.version:  # not committed
                 with contextlib.suppress(OSError):
@@ -325,10 +371,14 @@ class IndexFolder:
                 raise
             self._catch_up()  # the commit came before the error: take what it committed
             raise
-        states = indexes.get("states")
-        if states is not None:  # where committed: the next add links those files
+        states = indexes.get("states", self.states)
+        if "states" in indexes:  # where committed: the next add links those files
             states = states.committed(self.folder / self.manifest.parts["states"])
-        self._swap(images, indexes.get("captions", self.caption_index), states)
+        for name in ("images", "captions"):  # and the next delete, these
+            if name in indexes:
+                part = self.folder / self.manifest.parts[name]
+                indexes[name].source = indexes[name].items_source = part
+        self._swap(indexes["images"], indexes.get("captions", self.caption_index), states)
 
     def _swap(self, images, captions, states) -> None:
         """Put committed parts live, in one step."""

@@ -20,8 +20,6 @@ it adds, and committed files are never written again.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import torch
 
 from lightningdot.encode import StateRows
 from lightningdot.errors import DataError
-from lightningdot.io import read_json
+from lightningdot.io import link_or_copy, read_json
 
 FORMAT = 1
 RECORD = "states.json"
@@ -108,7 +106,7 @@ class RegionStates:
             files = chunk_files(n)
             if chunk.source is not None:
                 for old, new in zip(chunk_files(chunk.number), files, strict=True):
-                    _link_or_copy(chunk.source / old, folder / new)
+                    link_or_copy(chunk.source / old, folder / new)
             else:
                 np.save(folder / files[0], chunk.rows.states.astype(np.float16, copy=False))
                 np.save(folder / files[1], chunk.rows.lengths.astype(np.int32, copy=False))
@@ -150,10 +148,3 @@ class RegionStates:
                 f"{folder}: {len(part)} rows of states, {RECORD} says {record.get('rows')}"
             )
         return part
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)

@@ -24,7 +24,13 @@ from lightningdot.io import atomic_path, fsync_dir, read_json, recover_dir, sync
 
 LOCK = ".lock"
 VERSION = re.compile(r"v\d+")
-PART_FILES = {"index.faiss", "items.json", "index.json", "bank.npy"}  # `VectorIndex.write`'s
+PART_FILES = {
+    "index.faiss",
+    "items.json",
+    "index.json",
+    "bank.npy",
+    "deleted.npy",
+}  # `VectorIndex.write`'s
 # Names the layout before versions used, and that its writers left after a crash.
 LEGACY = {f"{part}{end}" for part in LEGACY_PARTS for end in ("", ".old", ".tmp")}
 
@@ -80,12 +86,13 @@ def sweep_versions(folder: Path, manifest: Manifest) -> None:
 
 def sweep_uploads(folder: Path, manifest: Manifest, images: VectorIndex) -> None:
     """Remove the files under uploads/ that no item of `images` (the image index `manifest`
-    names, loaded) holds: uploads whose commit never came. Not in a folder of the older layout,
+    names, loaded) holds: uploads whose commit never came, or that were deleted. Not in a folder of the older layout,
     whose uploads an older writer may be adding."""
     uploads = folder / UPLOADS
     if manifest.legacy or not uploads.is_dir():
         return
-    held = {it["path"] for it in images.items if it.get("root") == UPLOADS}
+    items = (images.items[row] for row in images.live_rows())  # a deleted upload goes too
+    held = {it["path"] for it in items if it.get("root") == UPLOADS}
     for f in uploads.iterdir():
         if f.name not in held and (f.is_file() or f.is_symlink()):
             f.unlink()

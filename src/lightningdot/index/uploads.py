@@ -20,6 +20,7 @@ from lightningdot.encode import StateRows
 from lightningdot.errors import DataError
 from lightningdot.features import load_image
 from lightningdot.index.folder import UPLOADS, IndexFolder, Rows
+from lightningdot.index.metadata import upload_metadata
 
 # File extensions of the formats an upload is stored under, by Pillow's name for the format.
 UPLOAD_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp"}
@@ -68,7 +69,13 @@ def add_uploads(
     fresh = {key: n for key, n in first.items() if index.image_index.row(key) is None}
     if fresh:
         items = [
-            {"id": key, "root": UPLOADS, "path": key, "filename": uploads[n][0]}
+            {
+                "id": key,
+                "root": UPLOADS,
+                "path": key,
+                "filename": uploads[n][0],
+                "meta": upload_metadata(uploads[n][1]),
+            }
             for key, n in fresh.items()
         ]
         vectors, states = encode([decoded[n] for n in fresh.values()])

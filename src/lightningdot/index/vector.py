@@ -4,8 +4,15 @@ Layout of a vector index's folder (written whole, then never changed):
 
     index.faiss   the FAISS index (inner product); row i is items[i]
     items.json    one entry per vector: {"id", "path"?, "captions"?, ...}
-    index.json    {"format", "model_id", "dim", "count", "config": IndexConfig, "prior"?}
+    index.json    {"format", "model_id", "dim", "count", "config": IndexConfig, "prior"?,
+                  "deleted"?}
     bank.npy      with a query-bank prior (`lightningdot.model.prior`): the bank, (N, dim) float32
+    deleted.npy   with deleted items: (count,) bool, True at their rows
+
+A delete leaves the row where it is and marks it (a tombstone): rows stay aligned with what is
+kept beside them (region states, row for row), any FAISS index type can delete (HNSW cannot
+remove vectors), and a search passes FAISS an id selector that skips the marked rows, as it
+does a filter's.
 
 Loading checks that the file, the items and the model agree, and refuses otherwise.
 """
@@ -13,6 +20,7 @@ Loading checks that the file, the items and the model agree, and refuses otherwi
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +31,8 @@ import torch
 
 from lightningdot.config import IndexConfig, from_dict
 from lightningdot.errors import ConfigMismatchError, DataError
-from lightningdot.io import atomic_dir, read_json
+from lightningdot.index.metadata import MetadataColumns
+from lightningdot.io import atomic_dir, link_or_copy, read_json
 from lightningdot.model.prior import QueryBank, gallery_side, hub_prior
 
 FORMAT = 1
@@ -75,12 +84,20 @@ class VectorIndex:
         model_id: str,
         cfg: IndexConfig,
         prior: IndexPrior | None = None,
+        deleted: np.ndarray | None = None,
     ):
         if index.ntotal != len(items):
             raise DataError(f"index holds {index.ntotal} vectors but {len(items)} items")
         self.index, self.items, self.model_id, self.cfg = index, items, model_id, cfg
         self.prior = prior
+        self.deleted = deleted if deleted is not None and deleted.any() else None
         self._rows: dict[str, int] | None = None  # id -> row, built on first lookup
+        self._columns: MetadataColumns | None = None
+        # The committed part folders whose index.faiss (and items.json) hold this index's
+        # vectors (and items) as they are: a write links those files instead of writing them
+        # again (a delete changes neither, an update of fields only the items).
+        self.source: Path | None = None
+        self.items_source: Path | None = None
         self._apply_search_params()
 
     @classmethod
@@ -130,7 +147,59 @@ class VectorIndex:
         return self.index.d - (self.prior is not None)
 
     def __len__(self) -> int:
+        """Rows, deleted ones included (what row-aligned parts are checked against)."""
         return self.index.ntotal
+
+    @property
+    def count(self) -> int:
+        """Items in the index: its rows less the deleted ones."""
+        return len(self) - (0 if self.deleted is None else int(self.deleted.sum()))
+
+    @property
+    def columns(self) -> MetadataColumns:
+        """Its items' fields as columns, for filters (`lightningdot.index.filters`)."""
+        if self._columns is None:
+            self._columns = MetadataColumns(self.items)
+        return self._columns
+
+    def live_rows(self) -> Iterator[int]:
+        """The rows of items not deleted, in order."""
+        if self.deleted is None:
+            return iter(range(len(self)))
+        return iter(np.flatnonzero(~self.deleted).tolist())
+
+    def without(self, item_ids: list[str]) -> VectorIndex:
+        """A copy with these items deleted (this one is unchanged); the FAISS index is shared,
+        since a delete only marks rows.
+
+        Raises:
+            DataError: an id is not in the index.
+        """
+        rows = [self.row(i) for i in item_ids]
+        if missing := [i for i, r in zip(item_ids, rows, strict=True) if r is None]:
+            raise DataError(f"{len(missing)} id(s) not in the index, e.g. {missing[:3]}")
+        deleted = np.zeros(len(self), bool) if self.deleted is None else self.deleted.copy()
+        deleted[rows] = True
+        out = VectorIndex(self.index, self.items, self.model_id, self.cfg, self.prior, deleted)
+        out.source, out.items_source = self.source, self.items_source
+        return out
+
+    def with_fields(self, item_id: str, fields: dict[str, Any]) -> VectorIndex:
+        """A copy in which item `item_id`'s fields ("meta") are updated by `fields` (a None
+        value removes a field); this one is unchanged.
+
+        Raises:
+            DataError: the id is not in the index.
+        """
+        row = self.row(item_id)
+        if row is None:
+            raise DataError(f"no image {item_id!r} in the index")
+        meta = {**(self.items[row].get("meta") or {}), **fields}
+        items = list(self.items)
+        items[row] = {**items[row], "meta": {k: v for k, v in meta.items() if v is not None}}
+        out = VectorIndex(self.index, items, self.model_id, self.cfg, self.prior, self.deleted)
+        out.source = self.source
+        return out
 
     def add(self, vectors: Any, items: list[dict]) -> None:
         """Append items without a rebuild (a trained IVF index keeps its coarse centroids)."""
@@ -140,7 +209,10 @@ class VectorIndex:
         _check_ids(items, self.row)
         self.index.add(x if self.prior is None else self.prior.of(x))
         self.items.extend(items)
-        self._rows = None
+        if self.deleted is not None:
+            self.deleted = np.concatenate([self.deleted, np.zeros(len(items), bool)])
+        self._rows, self._columns = None, None
+        self.source = self.items_source = None
 
     def copy(self) -> VectorIndex:
         """An independent in-memory copy (of a memory-mapped index too), to grow while the
@@ -151,28 +223,47 @@ class VectorIndex:
             self.model_id,
             self.cfg,
             self.prior,
+            self.deleted,
         )
 
     def row(self, item_id: str) -> int | None:
-        """The row of the item with this id, or None."""
+        """The row of the item with this id (not deleted), or None."""
         if self._rows is None:
-            self._rows = {it["id"]: i for i, it in enumerate(self.items)}
+            self._rows = {self.items[i]["id"]: i for i in self.live_rows()}
         return self._rows.get(item_id)
 
     def search(
-        self, queries: Any, k: int, with_prior: bool = True
+        self, queries: Any, k: int, with_prior: bool = True, allowed: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(Q, D) queries -> (Q, k') scores and row ids, best first; k' = min(k, len(self)).
+        """(Q, D) queries -> (Q, k') scores and row ids, best first; k' = min(k, len(self)),
+        row -1 (score -inf) past the last item a search may return.
 
         `with_prior=False` ranks by the dot product alone (a 0 where the prior's 1 would be),
         for queries of another kind than the bank's, such as images against an image index.
+        `allowed` (rows,) bool: only those rows (a filter's mask); deleted rows never.
         """
         q = _as_matrix(queries, self.dim)
         if self.prior is not None:
             weight = np.full((len(q), 1), 1.0 if with_prior else 0.0, np.float32)
             q = np.ascontiguousarray(np.hstack([q, weight]))
         k = max(1, min(k, len(self)))
-        return self.index.search(q, k)
+        if self.deleted is not None:
+            allowed = ~self.deleted if allowed is None else allowed & ~self.deleted
+        if allowed is None:
+            return self.index.search(q, k)
+        # FAISS reads the bitmap while it searches: it must outlive the call.
+        bitmap = np.packbits(allowed, bitorder="little")
+        selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
+        return self.index.search(q, k, params=self._search_params(selector))
+
+    def _search_params(self, selector) -> faiss.SearchParameters:
+        """The index type's search parameters, as configured, with an id selector."""
+        inner = faiss.downcast_index(self.index)
+        if hasattr(inner, "nprobe"):
+            return faiss.SearchParametersIVF(sel=selector, nprobe=self.cfg.nprobe)
+        if getattr(inner, "hnsw", None) is not None:
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=self.cfg.ef_search)
+        return faiss.SearchParameters(sel=selector)
 
     def _apply_search_params(self) -> None:
         inner = faiss.downcast_index(self.index)
@@ -188,9 +279,15 @@ class VectorIndex:
             self.write(tmp)
 
     def write(self, folder: Path) -> None:
-        """Write the index's files into the empty folder `folder`."""
-        faiss.write_index(self.index, str(folder / "index.faiss"))
-        (folder / "items.json").write_text(json.dumps(self.items, ensure_ascii=False))
+        """Write the index's files into the empty folder `folder` (those of `source` linked)."""
+        if self.source is not None:
+            link_or_copy(self.source / "index.faiss", folder / "index.faiss")
+        else:
+            faiss.write_index(self.index, str(folder / "index.faiss"))
+        if self.items_source is not None:
+            link_or_copy(self.items_source / "items.json", folder / "items.json")
+        else:
+            (folder / "items.json").write_text(json.dumps(self.items, ensure_ascii=False))
         manifest = {
             "format": FORMAT,
             "model_id": self.model_id,
@@ -201,6 +298,9 @@ class VectorIndex:
         if self.prior is not None:
             manifest["prior"] = {"beta": self.prior.beta, "bank": len(self.prior.bank)}
             np.save(folder / "bank.npy", self.prior.bank.astype(np.float32))
+        if self.deleted is not None:
+            manifest["deleted"] = int(self.deleted.sum())
+            np.save(folder / "deleted.npy", self.deleted)
         (folder / "index.json").write_text(json.dumps(manifest, indent=2))
 
     @classmethod
@@ -235,7 +335,10 @@ class VectorIndex:
             config = from_dict(IndexConfig, manifest["config"])
         except (TypeError, ValueError, DataError) as e:
             raise DataError(f"{folder}: damaged index.json ({e})") from e
-        return cls(index, items, manifest["model_id"], config, prior)
+        deleted = _read_deleted(folder, manifest) if "deleted" in manifest else None
+        out = cls(index, items, manifest["model_id"], config, prior, deleted)
+        out.source = out.items_source = folder
+        return out
 
 
 def _check_metadata(folder: Path, manifest: dict, items: Any) -> None:
@@ -307,6 +410,20 @@ def _read_prior(folder: Path, manifest: dict) -> IndexPrior:
             f"({manifest['prior']['bank']}, {manifest['dim']})"
         )
     return IndexPrior(bank.astype(np.float32), float(manifest["prior"]["beta"]))
+
+
+def _read_deleted(folder: Path, manifest: dict) -> np.ndarray:
+    try:
+        deleted = np.load(folder / "deleted.npy")
+    except (OSError, ValueError) as e:
+        raise DataError(f"damaged or missing tombstones {folder / 'deleted.npy'}: {e}") from e
+    if deleted.shape != (manifest["count"],) or deleted.dtype != bool:
+        raise DataError(f"{folder}: deleted.npy does not fit the {manifest['count']} rows")
+    if int(deleted.sum()) != manifest["deleted"]:
+        raise DataError(
+            f"{folder}: deleted.npy marks {int(deleted.sum())} rows, index.json says {manifest['deleted']}"
+        )
+    return deleted
 
 
 def recall_against_exact(

@@ -1,0 +1,209 @@
+"""Collections that change: deletes, metadata filters, pages of results, through the Retriever."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lightningdot.data import read_karpathy
+from lightningdot.errors import DataError
+from lightningdot.features import FeatureStore
+from lightningdot.index.filters import FilterError
+from lightningdot.index.record import Manifest
+from lightningdot.model.checkpoint import load_model
+from lightningdot.retrieval import Page, Retriever
+from tests.helpers import index_of_saved_model
+
+
+@pytest.fixture
+def opened(corpus_dir, store_dir, model_dir, tmp_path):
+    corpus = read_karpathy(corpus_dir / "captions.json")
+    index_of_saved_model(model_dir, corpus, corpus_dir, tmp_path / "ix", store_dir)
+    model = load_model(model_dir)
+    with torch.no_grad():
+        image = model.encode_image(FeatureStore(store_dir).batch(corpus.keys()))
+    return Retriever.open(tmp_path / "ix"), corpus, model, image
+
+
+def exact_ids(model, image, keys, query, allowed):
+    with torch.no_grad():
+        scores = (model.encode_text([query]) @ image.T)[0].numpy()
+    order = [j for j in np.argsort(-scores, kind="stable") if allowed(keys[j])]
+    return [keys[j] for j in order], scores
+
+
+def test_a_filtered_page_is_brute_force_over_the_items_that_pass(opened):
+    r, corpus, model, image = opened
+    keys = corpus.keys()
+    want, scores = exact_ids(model, image, keys, "a red picture", lambda k: k.startswith("img0"))
+    page = Page(filter='{"path": {"prefix": "img0"}}')
+    got = r.search_text(["a red picture"], k=5, page=page)[0].results
+    assert [x.id for x in got] == want[:5]
+    second = r.search_text(["a red picture"], k=3, page=Page(page.filter, offset=3))[0].results
+    assert [x.id for x in second] == want[3:6]
+    floor = float(np.sort(scores)[-4])
+    high = r.search_text(["a red picture"], k=10, page=Page(min_score=floor))[0].results
+    assert len(high) == 4 and all(x.score >= floor for x in high)
+
+
+def test_the_built_in_fields_are_recorded_at_index_time(opened):
+    r, *_ = opened
+    item = r.image_index.items[0]
+    assert item["meta"]["width"] == 32 and item["meta"]["height"] == 24
+    assert item["meta"]["size"] > 0 and item["meta"]["mtime"] > 0
+    found = r.search_text(["red"], k=20, page=Page(filter={"width": {"gte": 33}}))[0]
+    assert found.results == []
+
+
+def test_bad_filters_and_offsets_are_refused(opened):
+    r, *_ = opened
+    with pytest.raises(FilterError, match="'colour'"):
+        r.search_text(["red"], page=Page(filter={"colour": "red"}))
+    with pytest.raises(DataError, match="offset"):
+        r.search_text(["red"], page=Page(offset=-1))
+
+
+def test_an_image_query_filters_captions_by_their_image(opened, corpus_dir):
+    r, *_ = opened
+    page = Page(filter={"path": {"in": ["img03.png", "img05.png"]}})
+    (answer,) = r.search_image_all([corpus_dir / "images" / "img02.png"], k=10, page=page)
+    assert {x.id.split("#")[0] for x in answer.captions} == {"img03.png", "img05.png"}
+    assert {x.id for x in answer.images} == {"img03.png", "img05.png"}
+
+
+def faiss_file(r: Retriever):
+    return r.folder / Manifest.read(r.folder).parts["images"] / "index.faiss"
+
+
+def test_deleted_images_and_their_captions_are_gone_for_good(opened, corpus_dir):
+    r, corpus, *_ = opened
+    before = faiss_file(r).stat().st_ino
+    r.delete(["img01.png", "img02.png"])
+    assert faiss_file(r).stat().st_ino == before  # linked into the new version, not rewritten
+    assert r.image_index.count == len(corpus.images) - 2
+    for index in (r, Retriever.open(r.folder)):
+        hits = index.search_text(["a green picture"], k=20)[0].results
+        assert {"img01.png", "img02.png"}.isdisjoint(x.id for x in hits)
+        assert len(hits) == len(corpus.images) - 2
+        (caps,) = index.search_image([corpus_dir / "images" / "img01.png"], k=30)
+        assert {x.id.split("#")[0] for x in caps.results}.isdisjoint({"img01.png", "img02.png"})
+    with pytest.raises(DataError, match="not in the index"):
+        r.delete(["img01.png"])
+    with pytest.raises(DataError, match="not in the index"):
+        r.delete(["img03.png", "nope.png"])
+    assert r.image_index.row("img03.png") is not None  # all or none
+
+
+def png(colour: str) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_deleting_an_upload_removes_its_file_and_it_can_come_back(opened):
+    r, *_ = opened
+    ((upload, added),) = r.add_uploads([("x.png", png("orange"))]).images
+    assert added and (r.folder / "uploads" / upload).is_file()
+    assert r.image_index.items[r.image_index.row(upload)]["meta"]["width"] == 16
+    r.delete([upload])
+    assert not (r.folder / "uploads" / upload).exists()
+    ((again, added),) = r.add_uploads([("x.png", png("orange"))]).images
+    assert again == upload and added and (r.folder / "uploads" / upload).is_file()
+
+
+def test_the_cli_filters_pages_and_deletes(opened):
+    from typer.testing import CliRunner
+
+    from lightningdot.cli import app
+
+    r, corpus, model, image = opened
+    runner, folder = CliRunner(), str(r.folder)
+    want, _ = exact_ids(model, image, corpus.keys(), "red", lambda k: k.startswith("img0"))
+    args = ["search", folder, "red", "--k", "3", "--json", "--offset", "1"]
+    out = runner.invoke(app, [*args, "--filter", '{"path": {"prefix": "img0"}}'])
+    assert out.exit_code == 0, out.output
+    assert [x["id"] for x in json.loads(out.stdout)["results"]] == want[1:4]
+    bad = runner.invoke(app, [*args, "--filter", '{"colour": "red"}'])
+    assert bad.exit_code == 2 and "unknown filter field 'colour'" in bad.output
+    gone = runner.invoke(app, ["delete", folder, "img00.png", "img01.png"])
+    assert gone.exit_code == 0 and "deleted 2 image(s); 10 left" in gone.output
+    again = runner.invoke(app, ["delete", folder, "img01.png"])
+    assert again.exit_code == 2 and "not in the index" in again.output
+    assert Retriever.open(folder).image_index.count == 10
+
+
+def test_updated_fields_are_filtered_on_and_kept(opened):
+    r, *_ = opened
+    assert r.update_fields("img03.png", {"stock": 4, "label": "sale"})["stock"] == 4
+    r.update_fields("img05.png", {"stock": 1})
+    page = Page(filter={"stock": {"gte": 2}})
+    assert [x.id for x in r.search_text(["red"], k=20, page=page)[0].results] == ["img03.png"]
+    fields = r.update_fields("img03.png", {"label": None})
+    assert "label" not in fields and fields["stock"] == 4 and fields["width"] == 32
+    reopened = Retriever.open(r.folder)
+    hits = reopened.search_text(["red"], k=20, page=Page(filter={"stock": {"lt": 2}}))[0]
+    assert [x.id for x in hits.results] == ["img05.png"]
+
+
+@pytest.mark.parametrize(
+    "fields, says",
+    [
+        ({"path": "x.jpg"}, "follows the image's file"),
+        ({"bad name": 1}, "plain identifier"),
+        ({"tags": ["a", "b"]}, "not text, a finite number or null"),
+        ({"ok": True}, "not text"),
+        ([1, 2], "JSON object"),
+    ],
+)
+def test_fields_that_cannot_be_set_are_refused_and_nothing_changes(opened, fields, says):
+    r, *_ = opened
+    version = Manifest.read(r.folder).version
+    with pytest.raises(DataError, match=says):
+        r.update_fields("img03.png", fields)
+    with pytest.raises(DataError, match="no image"):
+        r.update_fields("nope.png", {"stock": 1})
+    assert Manifest.read(r.folder).version == version
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_fields_from_a_file_at_index_time_with_bad_rows_named(
+    corpus_dir, store_dir, model_dir, tmp_path, kind
+):
+    from typer.testing import CliRunner
+
+    from lightningdot.cli import app
+
+    if kind == "jsonl":
+        lines = [
+            '{"path": "img01.png", "stock": 3, "label": "sale"}',
+            '{"path": "img02.png", "stock": 0}',
+            "{broken",
+            '{"path": "img03.png", "tags": ["a"]}',
+            '{"path": "missing.png", "stock": 1}',
+        ]
+    else:
+        lines = [
+            "path,stock,label",
+            "img01.png,3,sale",
+            "img02.png,0,",
+            "img03.png,1,x,extra",
+            "missing.png,1,",
+            ",5,sale",
+        ]
+    fields = tmp_path / f"fields.{kind}"
+    fields.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "ix"
+    args = ["index", "--out", str(out), "--images", str(corpus_dir / "images"), "--model"]
+    args += [str(model_dir), "--features", str(store_dir), "--metadata", str(fields)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "skipped 3 metadata row(s)" in r.output and "missing.png" in r.output
+    assert "line 4" in r.output
+    index = Retriever.open(out)
+    page = Page(filter={"stock": {"gte": 1}, "label": "sale"})
+    assert [x.id for x in index.search_text(["red"], k=20, page=page)[0].results] == ["img01.png"]
+    meta = index.image_index.items[index.image_index.row("img02.png")]["meta"]
+    assert meta["stock"] == 0 and "label" not in meta and meta["width"] == 32
