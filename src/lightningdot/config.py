@@ -362,8 +362,11 @@ class ServeConfig:
     max_files: int = 32  # images per POST /images
     # Text queries that arrive while the model is busy are encoded together, up to this many.
     max_batch: int = 32
+    max_offset: int = 1000  # results a page may start past (GET /search?offset=)
 
     def __post_init__(self) -> None:
+        if self.max_offset < 0:
+            raise ValueError("max_offset must be >= 0")
         if min(self.max_k, self.max_query_chars, self.max_files, self.max_batch) < 1:
             raise ValueError("max_k, max_query_chars, max_files and max_batch must be >= 1")
         if self.max_rerank < 0 or self.max_upload_mb <= 0:

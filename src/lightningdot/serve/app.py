@@ -22,7 +22,13 @@ from lightningdot.config import ServeConfig
 from lightningdot.errors import LightningDotError
 from lightningdot.retrieval import Retriever
 from lightningdot.serve.metrics import RequestMetrics
-from lightningdot.serve.routes import explain_routes, image_routes, info_routes, query_routes
+from lightningdot.serve.routes import (
+    explain_routes,
+    image_query_routes,
+    image_routes,
+    info_routes,
+    query_routes,
+)
 from lightningdot.serve.security import WriteGuard, WritePolicy, is_write, write_policy
 from lightningdot.serve.service import Service
 
@@ -151,7 +157,7 @@ def create_app(
     app.add_middleware(WriteGuard, policy=writes)  # outside UploadLimit: a 403/401 before a 413
     app.add_middleware(RequestMetrics, metrics=service.metrics)  # outermost: sees every reply
     app.add_exception_handler(LightningDotError, user_errors(retriever))
-    for routes in (info_routes, query_routes, explain_routes, image_routes):
+    for routes in (info_routes, query_routes, image_query_routes, explain_routes, image_routes):
         app.include_router(routes(service))
     offline_docs(app)
     if writes.api_key is not None:

@@ -46,9 +46,9 @@ class Metrics:
             registry=self.registry,
         )
         items = Gauge("ldot_index_items", "Items in each index.", ["index"], registry=self.registry)
-        items.labels("images").set_function(lambda: len(retriever.image_index))
+        items.labels("images").set_function(lambda: retriever.image_index.count)
         items.labels("captions").set_function(
-            lambda: len(retriever.caption_index) if retriever.caption_index is not None else 0
+            lambda: retriever.caption_index.count if retriever.caption_index is not None else 0
         )
 
     def observe(self, route: str, timing_ms: dict[str, float]) -> None:

@@ -3,6 +3,8 @@
     GET  /search           text -> images
     POST /search/image     image -> captions, and similar images
     POST /images           add images to the index while it serves
+    DELETE /images/{id}    delete an image (and its captions) from the index
+    PATCH  /images/{id}    set or remove fields of an image
     GET  /images/{id}      an indexed image, or its thumbnail (?size=N)
     GET  /images/{id}/explain?q=...   the image with a heat map of what matched the query
     GET  /  /healthz  /metrics   the web page, what is loaded, Prometheus text
@@ -28,12 +30,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from lightningdot.errors import LightningDotError
 from lightningdot.features import load_image
 from lightningdot.heatmap import overlay_png
-from lightningdot.retrieval import ImageAnswer, Retriever, check_query
+from lightningdot.index.filters import parse_filter
+from lightningdot.retrieval import ImageAnswer, Page, Retriever, check_query
 from lightningdot.serve.schemas import (
     ERRORS,
     AddedImage,
     AddResponse,
+    DeleteResponse,
     ErrorResponse,
+    FieldsResponse,
+    FieldsUpdate,
     Health,
     ImageSearchResponse,
     SearchResponse,
@@ -55,7 +61,7 @@ async def read_upload(f: UploadFile) -> tuple[str, bytes]:
 
 
 def query_routes(service: Service) -> APIRouter:
-    """Text and image queries."""
+    """Text queries."""
     router, cfg, retriever = APIRouter(), service.cfg, service.retriever
 
     @router.get("/search", response_model=SearchResponse, responses=ERRORS)
@@ -72,15 +78,28 @@ def query_routes(service: Service) -> APIRouter:
         explain: Annotated[
             bool, Query(description="Add each result's region weights (`regions`).")
         ] = False,
+        filter: Annotated[str | None, Query(description=FILTER_HELP)] = None,
+        offset: Annotated[
+            int, Query(ge=0, le=cfg.max_offset, description="Results to skip (paging).")
+        ] = 0,
+        min_score: Annotated[float | None, Query(description="Lowest score returned.")] = None,
     ) -> SearchResponse:
         """Text -> images: the indexed images that best match the query."""
         if not q.strip():
             raise HTTPException(400, "the query is empty")
         check_query(k, rerank, retriever.reranker, NO_RERANKER)  # before it waits in the queue
-        answer = await service.search_text(TextQuery(q, k, rerank, explain))
+        page = checked_page(retriever, filter, offset, min_score)
+        answer = await service.search_text(TextQuery(q, k, rerank, explain, page))
         service.metrics.observe("/search", answer.timing_ms)
         results = [to_hit(r) for r in answer.results]
         return SearchResponse(query=q, results=results, timing_ms=answer.timing_ms)
+
+    return router
+
+
+def image_query_routes(service: Service) -> APIRouter:
+    """Image queries."""
+    router, cfg, retriever = APIRouter(), service.cfg, service.retriever
 
     @router.post(
         "/search/image",
@@ -93,10 +112,14 @@ def query_routes(service: Service) -> APIRouter:
         k: Annotated[int, Form(ge=1, le=cfg.max_k)] = 10,
         rerank: Annotated[int, Form(ge=0, le=cfg.max_rerank)] = 0,
         explain: Annotated[bool, Form(description="Add each caption's token weights.")] = False,
+        filter: Annotated[str | None, Form(description=FILTER_HELP)] = None,
+        offset: Annotated[int, Form(ge=0, le=cfg.max_offset)] = 0,
+        min_score: Annotated[float | None, Form()] = None,
     ) -> ImageSearchResponse:
         """Image -> the captions that describe it and the indexed images that look like it."""
         name, data = await read_upload(file)
         check_query(k, rerank, retriever.reranker, NO_RERANKER)
+        page = checked_page(retriever, filter, offset, min_score)
         has_captions = retriever.caption_index is not None
         if rerank and not has_captions:
             raise HTTPException(400, "re-ranking needs a caption index, and this index has none")
@@ -105,7 +128,10 @@ def query_routes(service: Service) -> APIRouter:
         def work() -> ImageAnswer:
             image = load_image(data, name=name)  # its errors name the upload
             targets = ("captions", "images") if has_captions else ("images",)
-            return retriever.search_image_all([image], k, rerank, targets, [received], explain)[0]
+            found = retriever.search_image_all(
+                [image], k, rerank, targets, [received], explain, page
+            )
+            return found[0]
 
         answer = await service.on_model_thread(work)
         service.metrics.observe("/search/image", answer.timing_ms)
@@ -116,6 +142,19 @@ def query_routes(service: Service) -> APIRouter:
         )
 
     return router
+
+
+FILTER_HELP = (
+    'Only items whose fields pass this JSON filter, e.g. {"folder": {"prefix": "trips/"}, '
+    '"taken": {"gte": "2024-01-01"}} (README, "Filters").'
+)
+
+
+def checked_page(retriever: Retriever, spec: str | None, offset: int, min_score) -> Page:
+    """The page a query asks for, its filter checked before the query waits in the queue."""
+    if spec:
+        parse_filter(spec, retriever.image_index.columns.kinds)  # a FilterError: 400
+    return Page(spec or None, offset, min_score)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -197,9 +236,33 @@ def image_routes(service: Service) -> APIRouter:
                 AddedImage(id=i, filename=name, added=new, image_url=image_url(i))
                 for (name, _), (i, new) in zip(uploads, added.images, strict=True)
             ],
-            count=len(retriever.image_index),
+            count=retriever.image_index.count,
             timing_ms=added.timing_ms,
         )
+
+    @router.delete(
+        "/images/{image_id:path}",
+        response_model=DeleteResponse,
+        responses={404: {"model": ErrorResponse}, **ERRORS},
+    )
+    async def delete_image(image_id: str) -> DeleteResponse:
+        """Delete an image and its captions from the index (an upload's file too)."""
+        if retriever.image_index.row(image_id) is None:
+            raise HTTPException(404, f"no image {image_id!r} in the index")
+        await service.on_add_thread(retriever.delete, [image_id])
+        return DeleteResponse(deleted=image_id, count=retriever.image_index.count)
+
+    @router.patch(
+        "/images/{image_id:path}",
+        response_model=FieldsResponse,
+        responses={404: {"model": ErrorResponse}, **ERRORS},
+    )
+    async def update_fields(image_id: str, update: FieldsUpdate) -> FieldsResponse:
+        """Set or remove fields of an image, which filters then read."""
+        if retriever.image_index.row(image_id) is None:
+            raise HTTPException(404, f"no image {image_id!r} in the index")
+        fields = await service.on_add_thread(retriever.update_fields, image_id, update.fields)
+        return FieldsResponse(id=image_id, fields=fields)
 
     @router.get(
         "/images/{image_id:path}",
@@ -243,7 +306,7 @@ def info_routes(service: Service) -> APIRouter:
         return Health(
             status="ok",
             model_id=retriever.image_index.model_id,
-            images=len(retriever.image_index),
+            images=retriever.image_index.count,
             captions=len(captions) if captions is not None else 0,
             reranker=retriever.reranker is not None,
             limits=asdict(service.cfg),

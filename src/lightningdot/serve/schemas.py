@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Any
 from urllib.parse import quote
 
 from pydantic import BaseModel, Field
@@ -64,6 +65,23 @@ class AddResponse(BaseModel):
     images: list[AddedImage]
     count: int = Field(description="Images in the index after the add.")
     timing_ms: dict[str, float]
+
+
+class DeleteResponse(BaseModel):
+    deleted: str
+    count: int = Field(description="Images in the index after the delete.")
+
+
+class FieldsUpdate(BaseModel):
+    fields: dict[str, Any] = Field(
+        description="Fields to set (text or numbers); null removes one.",
+        examples=[{"stock": 3, "label": "sale"}],
+    )
+
+
+class FieldsResponse(BaseModel):
+    id: str
+    fields: dict[str, Any] = Field(description="The image's fields after the update.")
 
 
 class Health(BaseModel):

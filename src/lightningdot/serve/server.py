@@ -47,7 +47,7 @@ def serve_index(
     if retriever.reranker and retriever.index.states is None and retriever.regions.store is None:
         log(f"warning: {slow_rerank_warning(index_dir)}")
     log(
-        f"serving {len(retriever.image_index)} images from {index_dir} on http://{host}:{port}/"
+        f"serving {retriever.image_index.count} images from {index_dir} on http://{host}:{port}/"
         + ("" if retriever.reranker else " (no re-ranker)")
     )
     log(writes.message)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from lightningdot.config import ServeConfig
-from lightningdot.retrieval import Answer, Retriever
+from lightningdot.retrieval import FIRST_PAGE, Answer, Page, Retriever
 from lightningdot.serve.batching import MicroBatcher
 from lightningdot.serve.metrics import Metrics
 
@@ -31,18 +31,24 @@ class TextQuery:
     k: int
     rerank: int
     explain: bool = False
+    page: Page = FIRST_PAGE  # its filter as JSON text, so that queries group by it
     received: float = field(default_factory=time.perf_counter)  # for its time in the queue
+
+    def kind(self) -> tuple:
+        """What queries must share to be answered by one search call."""
+        return self.rerank, self.explain, self.page
 
 
 def answer_texts(retriever: Retriever, queries: list[TextQuery]) -> list[Answer]:
     """Answer a batch of text queries with one encode per kind (re-rank depth, explained or
-    not) present in it."""
+    not, page) present in it."""
     out: list[Answer | None] = [None] * len(queries)
-    for depth, explain in sorted({(q.rerank, q.explain) for q in queries}):
-        idx = [i for i, q in enumerate(queries) if (q.rerank, q.explain) == (depth, explain)]
+    for kind in dict.fromkeys(q.kind() for q in queries):
+        idx = [i for i, q in enumerate(queries) if q.kind() == kind]
         k = max(queries[i].k for i in idx)
         texts, received = [queries[i].text for i in idx], [queries[i].received for i in idx]
-        answers = retriever.search_text(texts, k, depth, received, explain)
+        depth, explain, page = kind
+        answers = retriever.search_text(texts, k, depth, received, explain, page)
         for i, a in zip(idx, answers, strict=True):
             a.results = a.results[: queries[i].k]
             out[i] = a
