@@ -64,6 +64,9 @@ def test_bad_filters_and_offsets_are_refused(opened):
         r.search_text(["red"], page=Page(filter={"colour": "red"}))
     with pytest.raises(DataError, match="offset"):
         r.search_text(["red"], page=Page(offset=-1))
+    r.reranker = object()  # any re-ranker: the page is refused before it is used
+    with pytest.raises(DataError, match=r"offset \+ k \(12\) must be at most rerank \(10\)"):
+        r.search_text(["red"], k=4, rerank=10, page=Page(offset=8))
 
 
 def test_an_image_query_filters_captions_by_their_image(opened, corpus_dir):
@@ -207,3 +210,43 @@ def test_fields_from_a_file_at_index_time_with_bad_rows_named(
     assert [x.id for x in index.search_text(["red"], k=20, page=page)[0].results] == ["img01.png"]
     meta = index.image_index.items[index.image_index.row("img02.png")]["meta"]
     assert meta["stock"] == 0 and "label" not in meta and meta["width"] == 32
+
+
+def test_a_delete_and_an_add_from_two_openers_both_stay(opened, corpus_dir, store_dir):
+    from lightningdot.data import Corpus
+
+    r, corpus, *_ = opened
+    first, second = Retriever.open(r.folder), Retriever.open(r.folder)
+    first.delete(["img00.png", "img01.png"])
+    # The second opened before the delete and never reloaded: it catches up before it writes.
+    with pytest.raises(DataError, match="not in the index"):
+        second.delete(["img05.png", "img01.png"])
+    more = Corpus(read_karpathy(corpus_dir / "captions.json").images[:2])
+    assert second.add_collection(more, corpus_dir / "images", FeatureStore(store_dir)).added == 2
+    reopened = Retriever.open(r.folder)
+    assert reopened.image_index.count == len(corpus.images)
+    assert reopened.image_index.row("img00.png") is not None  # added again, after its delete
+
+
+def test_an_upsert_replaces_an_image_and_its_captions_in_one_commit(opened, corpus_dir):
+    from lightningdot.index.build import caption_items
+    from lightningdot.index.folder import Rows
+
+    r, corpus, model, _ = opened
+    folder, root = r.index, r.index.manifest.primary_root
+    vectors, states = r._rows_of([corpus_dir / "images" / "img05.png"])  # img03 takes its look
+    item = {"id": "img03.png", "root": root, "path": "img03.png", "captions": ["a new caption"]}
+    with torch.no_grad():
+        text = model.encode_text(["a new caption"]).numpy()
+    where = (root, str(folder.root_folder(root)))
+    rows = Rows(vectors, [item], (text, caption_items([item])), where, states=states)
+    assert folder.append(rows, replace=True) == [True]
+    for index in (r, Retriever.open(r.folder)):
+        assert index.image_index.count == len(corpus.images)
+        (similar,) = index.search_image([corpus_dir / "images" / "img05.png"], 2, "images")
+        top = similar.results[0]  # the query's own vector now: a dot product of 1
+        assert top.id == "img03.png" and top.score == pytest.approx(1.0, abs=1e-4)
+        captions = index.caption_index
+        assert captions.row("img03.png#1") is None
+        assert captions.items[captions.row("img03.png#0")]["caption"] == "a new caption"
+        assert captions.count == len(corpus.captions) - 1

@@ -87,15 +87,27 @@ class Page:
     offset: int = 0
     min_score: float | None = None
 
+    def check(self, k: int, rerank: int) -> None:
+        """Refuse a page a query of `k` results re-ranking its top `rerank` cannot give.
+
+        Raises:
+            DataError: a negative offset, or a page past the re-ranked results (whose scores
+                do not compare with those after them).
+        """
+        if self.offset < 0:
+            raise DataError(f"offset must be 0 or more, not {self.offset}")
+        if rerank and self.offset + k > rerank:
+            raise DataError(
+                f"offset + k ({self.offset + k}) must be at most rerank ({rerank}): re-ranking "
+                "orders only its top K"
+            )
+
     def allowed(self, index: VectorIndex) -> np.ndarray | None:
         """The rows of `index` the filter lets through (None: all).
 
         Raises:
             FilterError: the filter does not parse or names what the index does not know.
-            DataError: a negative offset.
         """
-        if self.offset < 0:
-            raise DataError(f"offset must be 0 or more, not {self.offset}")
         if not self.filter:
             return None
         spec = parse_filter(self.filter, index.columns.kinds)
@@ -299,11 +311,12 @@ class Retriever:
         if not queries:
             raise DataError("no query given")
         check_query(k, rerank, self.reranker)
+        page.check(k, rerank)
         clock = Stopwatch()
         live = self.index.live  # once: a change may put a new version live meanwhile
-        allowed = page.allowed(live.images)
         vectors = self.model.encode_text(queries).numpy()
         clock.lap("encode")
+        allowed = page.allowed(live.images)
         scores, rows = live.images.search(vectors, max(k + page.offset, rerank), allowed=allowed)
         clock.lap("search")
         found = [self._results(live.images, s, i) for s, i in zip(scores, rows, strict=True)]
@@ -408,6 +421,7 @@ class Retriever:
         times both searches."""
         indexes = self._targets(targets, rerank)
         check_query(k, rerank, self.reranker)
+        page.check(k, rerank)
         allowed = self._allowed_of(indexes, page)
         clock = Stopwatch()
         regions = self.regions.of_images(queries)

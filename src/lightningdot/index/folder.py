@@ -276,9 +276,11 @@ class IndexFolder:
             self._catch_up()
             yield
 
-    def append(self, rows: Rows) -> list[bool]:
+    def append(self, rows: Rows, replace: bool = False) -> list[bool]:
         """Add image rows (and caption rows) in one commit, then put them live; returns for
-        each item whether it was added (False: the same image was indexed already).
+        each item whether it was added (False: the same image was indexed already). With
+        `replace` (an upsert), an item whose id is indexed replaces it, captions and all, in
+        the same commit, and every item is added.
 
         The live indexes are copied, grown, committed and then swapped in, so a search running
         meanwhile sees the old index or the new one, and a failed commit changes nothing in
@@ -295,18 +297,29 @@ class IndexFolder:
         with self.writing():
             named = rows.root is not None and rows.root[0] != UPLOADS
             root = Path(rows.root[1]) if named else None  # uploads/: `root_folder` knows it
-            new = [not self.indexed(it, root) for it in rows.items]
+            if replace:
+                new = [True] * len(rows.items)
+                gone = [i for i in ids if self.image_index.row(i) is not None]
+            else:
+                new, gone = [not self.indexed(it, root) for it in rows.items], []
             if any(new):
-                self._commit_rows(rows, new)
+                self._commit_rows(rows, new, gone)
         return new
 
-    def _commit_rows(self, rows: Rows, new: list[bool]) -> None:
-        images = self.image_index.copy()
+    def _commit_rows(self, rows: Rows, new: list[bool], gone: list[str]) -> None:
+        """Commit the `new` rows, the images `gone` (and their captions) deleted first."""
+        base = self.image_index.without(gone) if gone else self.image_index
+        captions = self.caption_index
+        if gone and (their := self._caption_ids(gone)):
+            captions = captions.without(their)
+        images = base.copy()
         images.add(
             rows.vectors[np.array(new)], [it for it, n in zip(rows.items, new, strict=True) if n]
         )
         indexes = {"images": images}
-        if rows.captions is not None and (grown := self._grown_captions(*rows.captions)):
+        if captions is not self.caption_index:
+            indexes["captions"] = captions
+        if rows.captions is not None and (grown := self._grown_captions(captions, *rows.captions)):
             indexes["captions"] = grown
         roots = dict(self.manifest.roots)
         if rows.root is not None:
@@ -392,11 +405,12 @@ class IndexFolder:
             )
         return self.states.grown(rows.states.select(np.array(new)))
 
-    def _grown_captions(self, text: np.ndarray, items: list[dict]) -> VectorIndex | None:
-        """The caption index with the rows not in it yet (made, the first time, like the image
-        index); None when all are there. Captions whose image is already indexed are in it,
-        unless a folder of the older layout lost them to a crash; then they come back."""
-        index = self.caption_index
+    def _grown_captions(
+        self, index: VectorIndex | None, text: np.ndarray, items: list[dict]
+    ) -> VectorIndex | None:
+        """The caption index `index` with the rows not in it yet (made, the first time, like
+        the image index); None when all are there. Captions whose image is already indexed are
+        in it, unless a folder of the older layout lost them to a crash; then they come back."""
         keep = [index is None or index.row(it["id"]) is None for it in items]
         if not any(keep):
             return None

@@ -182,6 +182,8 @@ class VectorIndex:
         deleted[rows] = True
         out = VectorIndex(self.index, self.items, self.model_id, self.cfg, self.prior, deleted)
         out.source, out.items_source = self.source, self.items_source
+        out._columns = self._columns  # the same items: their columns hold
+        out._rows = self._rows  # shared, never changed: `row` skips the rows deleted since
         return out
 
     def with_fields(self, item_id: str, fields: dict[str, Any]) -> VectorIndex:
@@ -230,7 +232,10 @@ class VectorIndex:
         """The row of the item with this id (not deleted), or None."""
         if self._rows is None:
             self._rows = {self.items[i]["id"]: i for i in self.live_rows()}
-        return self._rows.get(item_id)
+        row = self._rows.get(item_id)
+        if row is not None and self.deleted is not None and self.deleted[row]:
+            return None
+        return row
 
     def search(
         self, queries: Any, k: int, with_prior: bool = True, allowed: np.ndarray | None = None

@@ -88,7 +88,7 @@ def query_routes(service: Service) -> APIRouter:
         if not q.strip():
             raise HTTPException(400, "the query is empty")
         check_query(k, rerank, retriever.reranker, NO_RERANKER)  # before it waits in the queue
-        page = checked_page(retriever, filter, offset, min_score)
+        page = checked_page(retriever, filter, offset, min_score, k, rerank)
         answer = await service.search_text(TextQuery(q, k, rerank, explain, page))
         service.metrics.observe("/search", answer.timing_ms)
         results = [to_hit(r) for r in answer.results]
@@ -119,7 +119,7 @@ def image_query_routes(service: Service) -> APIRouter:
         """Image -> the captions that describe it and the indexed images that look like it."""
         name, data = await read_upload(file)
         check_query(k, rerank, retriever.reranker, NO_RERANKER)
-        page = checked_page(retriever, filter, offset, min_score)
+        page = checked_page(retriever, filter, offset, min_score, k, rerank)
         has_captions = retriever.caption_index is not None
         if rerank and not has_captions:
             raise HTTPException(400, "re-ranking needs a caption index, and this index has none")
@@ -150,11 +150,16 @@ FILTER_HELP = (
 )
 
 
-def checked_page(retriever: Retriever, spec: str | None, offset: int, min_score) -> Page:
-    """The page a query asks for, its filter checked before the query waits in the queue."""
+def checked_page(
+    retriever: Retriever, spec: str | None, offset: int, min_score, k: int, rerank: int
+) -> Page:
+    """The page a query asks for, checked before the query waits in the queue (an error
+    inside a batch would fail the queries beside it): a 400 when it cannot be given."""
+    page = Page(spec or None, offset, min_score)
+    page.check(k, rerank)
     if spec:
-        parse_filter(spec, retriever.image_index.columns.kinds)  # a FilterError: 400
-    return Page(spec or None, offset, min_score)
+        parse_filter(spec, retriever.image_index.columns.kinds)
+    return page
 
 
 @functools.lru_cache(maxsize=1024)
