@@ -250,3 +250,25 @@ def test_an_upsert_replaces_an_image_and_its_captions_in_one_commit(opened, corp
         assert captions.row("img03.png#1") is None
         assert captions.items[captions.row("img03.png#0")]["caption"] == "a new caption"
         assert captions.count == len(corpus.captions) - 1
+
+
+def test_a_first_delete_in_a_folder_of_the_older_layout_keeps_its_uploads(opened, tmp_path):
+    from lightningdot.index.folder import IndexFolder
+    from tests.helpers import as_older_layout
+
+    r, *_ = opened
+    older = as_older_layout(r.folder, tmp_path / "older", {"upload-1.png": png("red")})
+    IndexFolder.load(older).delete(["img04.png"])
+    reopened = Retriever.open(older)  # opening sweeps uploads no item holds
+    item = reopened.image_index.items[reopened.image_index.row("upload-1.png")]
+    assert item["root"] == "uploads" and (older / "uploads" / "upload-1.png").is_file()
+    assert reopened.image_index.row("img04.png") is None
+
+
+def test_an_image_query_pages_and_explains_the_same_captions(opened, corpus_dir):
+    r, *_ = opened
+    query = [corpus_dir / "images" / "img02.png"]
+    everything = r.search_image(query, k=8)[0].results
+    (page,) = r.search_image(query, k=3, explain=True, page=Page(offset=4))
+    assert [x.id for x in page.results] == [x.id for x in everything[4:7]]
+    assert all(x.tokens is not None for x in page.results)

@@ -441,15 +441,16 @@ class Retriever:
                 for n, hits in enumerate(found["captions"])
             ]
             clock.lap("rerank", shared_by=len(queries))
+        found = {t: [page.cut(hits, k) for hits in lists] for t, lists in found.items()}
         if explain and "captions" in found:
             found["captions"] = [
-                self._with_tokens(hits[:k], torch.from_numpy(v))
+                self._with_tokens(hits, torch.from_numpy(v))
                 for hits, v in zip(found["captions"], vectors, strict=True)
             ]
             clock.lap("explain", shared_by=len(queries))
 
         def top(target: str, n: int) -> list[Result] | None:
-            return page.cut(found[target][n], k) if target in found else None
+            return found[target][n] if target in found else None
 
         arrivals = received or [None] * len(queries)
         return [

@@ -230,3 +230,23 @@ def test_folder_and_path_come_from_the_item():
     assert item_fields({"id": "a", "path": "x.jpg"}) == {"path": "x.jpg", "folder": ""}
     fields = item_fields({"id": "a", "path": "t/2024/x.jpg", "meta": {"stock": 1}})
     assert fields == {"path": "t/2024/x.jpg", "folder": "t/2024/", "stock": 1}
+
+
+@pytest.mark.parametrize("factory", ["PCA8,IVF4,Flat", "IVF4,Flat,RFlat", "OPQ4,IVF4,Flat"])
+def test_wrapped_index_types_filter_and_delete(factory):
+    x, q = unit(600, 16, 0), unit(4, 16, 1)
+    index = VectorIndex.build(x, random_items(600, 3), "m", IndexConfig(factory, nprobe=4))
+    index = index.without([f"i{i}" for i in range(0, 600, 3)])
+    allowed = np.zeros(600, bool)
+    allowed[::2] = True
+    _, ids = index.search(q, 10, allowed=allowed)
+    assert (ids >= 0).all() and allowed[ids].all() and (ids % 3 != 0).all()
+
+
+def test_an_index_type_that_cannot_skip_rows_refuses_deletes_and_filters():
+    index = VectorIndex.build(unit(300, 16, 0), random_items(300, 3), "m", IndexConfig("PQ2x4"))
+    with pytest.raises(DataError, match="cannot search a subset"):
+        index.without(["i1"])
+    assert index.deleted is None and index.row("i1") == 1
+    with pytest.raises(DataError, match="rebuild it as Flat, IVF or HNSW"):
+        index.search(unit(1, 16, 1), 5, allowed=np.ones(300, bool))

@@ -340,6 +340,8 @@ class IndexFolder:
         """
         if len(set(image_ids)) != len(image_ids):
             raise DataError(f"image ids repeated among those deleted: {image_ids[:3]}")
+        if not image_ids:
+            return
         with self.writing():
             indexes: dict = {"images": self.image_index.without(image_ids)}
             captions = self._caption_ids(image_ids)
@@ -355,6 +357,11 @@ class IndexFolder:
             DataError: the id is not in the index, or a field cannot be set (`check_fields`).
         """
         check_fields(fields)
+        if not fields:  # nothing to change: nothing to commit
+            images = self.image_index
+            if images.row(image_id) is None:
+                raise DataError(f"no image {image_id!r} in the index")
+            return images.items[images.row(image_id)].get("meta", {})
         with self.writing():
             images = self.image_index.with_fields(image_id, fields)
             self._commit(self.manifest, {"images": images}, {})
@@ -463,6 +470,7 @@ def load_parts(
     """
     images = VectorIndex.load(folder / manifest.parts["images"], model_id, mmap)
     if manifest.legacy:
+        images.items_source = None  # its items change here: the next write writes them
         for it in images.items:
             if (name := legacy_upload(it, folder)) is not None:
                 it.update(root=UPLOADS, path=name)

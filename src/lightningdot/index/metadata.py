@@ -139,7 +139,7 @@ def read_fields_file(path: Path) -> tuple[dict[str, dict], list[tuple[str, str]]
                 raise DataError(bad)
             if not isinstance(row, dict) or not isinstance(row.get("path"), str):
                 raise DataError("no text `path`")
-            own = {k: v for k, v in row.items() if k != "path"}
+            own = {k: v for k, v in row.items() if k != "path" and v is not None}
             check_fields(own)
         except DataError as e:
             skipped.append((where, str(e)))

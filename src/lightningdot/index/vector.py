@@ -36,6 +36,7 @@ from lightningdot.io import atomic_dir, link_or_copy, read_json
 from lightningdot.model.prior import QueryBank, gallery_side, hub_prior
 
 FORMAT = 1
+TOMBSTONE_FORMAT = 2  # written with tombstones, so that releases that ignore them refuse it
 
 
 def _as_matrix(vectors: Any, dim: int | None = None) -> np.ndarray:
@@ -178,6 +179,8 @@ class VectorIndex:
         rows = [self.row(i) for i in item_ids]
         if missing := [i for i, r in zip(item_ids, rows, strict=True) if r is None]:
             raise DataError(f"{len(missing)} id(s) not in the index, e.g. {missing[:3]}")
+        # Its searches must skip deleted rows: refuse the delete where its type cannot.
+        self.search(np.zeros((1, self.dim), np.float32), 1, allowed=np.zeros(len(self), bool))
         deleted = np.zeros(len(self), bool) if self.deleted is None else self.deleted.copy()
         deleted[rows] = True
         out = VectorIndex(self.index, self.items, self.model_id, self.cfg, self.prior, deleted)
@@ -258,12 +261,25 @@ class VectorIndex:
             return self.index.search(q, k)
         # FAISS reads the bitmap while it searches: it must outlive the call.
         bitmap = np.packbits(allowed, bitorder="little")
-        selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
-        return self.index.search(q, k, params=self._search_params(selector))
+        selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
+        try:
+            return self.index.search(q, k, params=self._search_params(self.index, selector))
+        except RuntimeError as e:
+            raise DataError(
+                f"this FAISS index ({self.cfg.factory}) cannot search a subset of its rows, as "
+                f"filters and deletes need: rebuild it as Flat, IVF or HNSW ({e})"
+            ) from e
 
-    def _search_params(self, selector) -> faiss.SearchParameters:
-        """The index type's search parameters, as configured, with an id selector."""
-        inner = faiss.downcast_index(self.index)
+    def _search_params(self, index: faiss.Index, selector) -> faiss.SearchParameters:
+        """The search parameters of `index`'s type (wrapped types too), as configured, with an
+        id selector."""
+        inner = faiss.downcast_index(index)
+        if isinstance(inner, faiss.IndexPreTransform):
+            below = self._search_params(inner.index, selector)
+            return faiss.SearchParametersPreTransform(sel=selector, index_params=below)
+        if isinstance(inner, faiss.IndexRefine):
+            below = self._search_params(inner.base_index, selector)
+            return faiss.IndexRefineSearchParameters(sel=selector, base_index_params=below)
         if hasattr(inner, "nprobe"):
             return faiss.SearchParametersIVF(sel=selector, nprobe=self.cfg.nprobe)
         if getattr(inner, "hnsw", None) is not None:
@@ -294,7 +310,7 @@ class VectorIndex:
         else:
             (folder / "items.json").write_text(json.dumps(self.items, ensure_ascii=False))
         manifest = {
-            "format": FORMAT,
+            "format": FORMAT if self.deleted is None else TOMBSTONE_FORMAT,
             "model_id": self.model_id,
             "dim": self.dim,
             "count": len(self),
@@ -320,7 +336,10 @@ class VectorIndex:
         missing = f"not an index folder (no index.json): {folder}"
         manifest = read_json(folder / "index.json", "index metadata", missing)
         items = read_json(folder / "items.json", "index items")
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        if not isinstance(manifest, dict) or manifest.get("format") not in (
+            FORMAT,
+            TOMBSTONE_FORMAT,
+        ):
             found = manifest.get("format") if isinstance(manifest, dict) else manifest
             raise DataError(f"{folder}: unknown index format {found!r}")
         _check_metadata(folder, manifest, items)

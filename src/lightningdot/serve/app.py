@@ -23,6 +23,7 @@ from lightningdot.errors import LightningDotError
 from lightningdot.retrieval import Retriever
 from lightningdot.serve.metrics import RequestMetrics
 from lightningdot.serve.routes import (
+    collection_routes,
     explain_routes,
     image_query_routes,
     image_routes,
@@ -157,7 +158,8 @@ def create_app(
     app.add_middleware(WriteGuard, policy=writes)  # outside UploadLimit: a 403/401 before a 413
     app.add_middleware(RequestMetrics, metrics=service.metrics)  # outermost: sees every reply
     app.add_exception_handler(LightningDotError, user_errors(retriever))
-    for routes in (info_routes, query_routes, image_query_routes, explain_routes, image_routes):
+    routers = (info_routes, query_routes, image_query_routes, explain_routes, image_routes)
+    for routes in (*routers, collection_routes):
         app.include_router(routes(service))
     offline_docs(app)
     if writes.api_key is not None:

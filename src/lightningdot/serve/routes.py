@@ -245,30 +245,6 @@ def image_routes(service: Service) -> APIRouter:
             timing_ms=added.timing_ms,
         )
 
-    @router.delete(
-        "/images/{image_id:path}",
-        response_model=DeleteResponse,
-        responses={404: {"model": ErrorResponse}, **ERRORS},
-    )
-    async def delete_image(image_id: str) -> DeleteResponse:
-        """Delete an image and its captions from the index (an upload's file too)."""
-        if retriever.image_index.row(image_id) is None:
-            raise HTTPException(404, f"no image {image_id!r} in the index")
-        await service.on_add_thread(retriever.delete, [image_id])
-        return DeleteResponse(deleted=image_id, count=retriever.image_index.count)
-
-    @router.patch(
-        "/images/{image_id:path}",
-        response_model=FieldsResponse,
-        responses={404: {"model": ErrorResponse}, **ERRORS},
-    )
-    async def update_fields(image_id: str, update: FieldsUpdate) -> FieldsResponse:
-        """Set or remove fields of an image, which filters then read."""
-        if retriever.image_index.row(image_id) is None:
-            raise HTTPException(404, f"no image {image_id!r} in the index")
-        fields = await service.on_add_thread(retriever.update_fields, image_id, update.fields)
-        return FieldsResponse(id=image_id, fields=fields)
-
     @router.get(
         "/images/{image_id:path}",
         responses={200: {"content": {"image/*": {}}}, 404: {"model": ErrorResponse}},
@@ -295,6 +271,37 @@ def image_routes(service: Service) -> APIRouter:
     return router
 
 
+def collection_routes(service: Service) -> APIRouter:
+    """Deleting images and changing their fields."""
+    router, retriever = APIRouter(), service.retriever
+
+    @router.delete(
+        "/images/{image_id:path}",
+        response_model=DeleteResponse,
+        responses={404: {"model": ErrorResponse}, **ERRORS},
+    )
+    async def delete_image(image_id: str) -> DeleteResponse:
+        """Delete an image and its captions from the index (an upload's file too)."""
+        if retriever.image_index.row(image_id) is None:
+            raise HTTPException(404, f"no image {image_id!r} in the index")
+        await service.on_add_thread(retriever.delete, [image_id])
+        return DeleteResponse(deleted=image_id, count=retriever.image_index.count)
+
+    @router.patch(
+        "/images/{image_id:path}",
+        response_model=FieldsResponse,
+        responses={404: {"model": ErrorResponse}, **ERRORS},
+    )
+    async def update_fields(image_id: str, update: FieldsUpdate) -> FieldsResponse:
+        """Set or remove fields of an image, which filters then read."""
+        if retriever.image_index.row(image_id) is None:
+            raise HTTPException(404, f"no image {image_id!r} in the index")
+        fields = await service.on_add_thread(retriever.update_fields, image_id, update.fields)
+        return FieldsResponse(id=image_id, fields=fields)
+
+    return router
+
+
 def info_routes(service: Service) -> APIRouter:
     """The web page, health and metrics."""
     router, retriever = APIRouter(), service.retriever
@@ -312,7 +319,7 @@ def info_routes(service: Service) -> APIRouter:
             status="ok",
             model_id=retriever.image_index.model_id,
             images=retriever.image_index.count,
-            captions=len(captions) if captions is not None else 0,
+            captions=captions.count if captions is not None else 0,
             reranker=retriever.reranker is not None,
             limits=asdict(service.cfg),
             writes=service.writes,
