@@ -10,9 +10,9 @@ Layout of a vector index's folder (written whole, then never changed):
     deleted.npy   with deleted items: (count,) bool, True at their rows
 
 A delete leaves the row where it is and marks it (a tombstone): rows stay aligned with what is
-kept beside them (region states, row for row), any FAISS index type can delete (HNSW cannot
+kept beside them (region states, row for row), HNSW deletes like the others (it cannot
 remove vectors), and a search passes FAISS an id selector that skips the marked rows, as it
-does a filter's.
+does a filter's. A type whose search takes no selector (plain PQ) refuses deletes.
 
 Loading checks that the file, the items and the model agree, and refuses otherwise.
 """
@@ -204,6 +204,7 @@ class VectorIndex:
         items[row] = {**items[row], "meta": {k: v for k, v in meta.items() if v is not None}}
         out = VectorIndex(self.index, items, self.model_id, self.cfg, self.prior, self.deleted)
         out.source = self.source
+        out._rows = self._rows  # the same ids in the same rows
         return out
 
     def add(self, vectors: Any, items: list[dict]) -> None:
