@@ -60,7 +60,8 @@ def time_one(model, index: VectorIndex, query: str, page: Page) -> tuple[float, 
     t0 = time.perf_counter()
     with torch.inference_mode():
         vector = model.encode_text([query]).numpy()
-    _, rows = index.search(vector, 10, allowed=page.allowed(index))
+    where = page.where(index)
+    _, rows = index.search(vector, 10, allowed=None if where is None else where.mask(index.columns))
     return 1e3 * (time.perf_counter() - t0), rows[0]
 
 

@@ -27,12 +27,12 @@ from lightningdot.encode import ImageInput, RegionSource, StateRows
 from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.explain import RegionWeights, TokenWeights, explain_regions, token_weights
 from lightningdot.features import FeatureStore, RegionBatch
+from lightningdot.index.backend import Hit, Items, View
 from lightningdot.index.build import AddReport, add_collection
-from lightningdot.index.filters import parse_filter
-from lightningdot.index.folder import IndexFolder, Live
+from lightningdot.index.filters import Filter, parse_filter
+from lightningdot.index.folder import IndexFolder
 from lightningdot.index.record import Manifest
 from lightningdot.index.uploads import add_uploads
-from lightningdot.index.vector import VectorIndex
 from lightningdot.model.checkpoint import load_model, load_reranker
 from lightningdot.model.encoders import BiEncoder
 from lightningdot.model.reranker import Reranker
@@ -102,16 +102,13 @@ class Page:
                 "orders only its top K"
             )
 
-    def allowed(self, index: VectorIndex) -> np.ndarray | None:
-        """The rows of `index` the filter lets through (None: all).
+    def where(self, images: Items) -> Filter | None:
+        """The filter, parsed against the fields of `images` (None: every item passes).
 
         Raises:
             FilterError: the filter does not parse or names what the index does not know.
         """
-        if not self.filter:
-            return None
-        spec = parse_filter(self.filter, index.columns.kinds)
-        return None if spec is None else spec.mask(index.columns)
+        return parse_filter(self.filter, images.kinds) if self.filter else None
 
     def cut(self, results: list[Result], k: int) -> list[Result]:
         page = results[self.offset : self.offset + k]
@@ -231,12 +228,12 @@ class Retriever:
         return self.index.folder
 
     @property
-    def image_index(self) -> VectorIndex:
-        return self.index.image_index
+    def image_index(self) -> Items:
+        return self.index.live.images
 
     @property
-    def caption_index(self) -> VectorIndex | None:
-        return self.index.caption_index
+    def caption_index(self) -> Items | None:
+        return self.index.live.captions
 
     def image_file(self, item: dict) -> Path:
         """The file of an indexed image, from its item."""
@@ -248,18 +245,15 @@ class Retriever:
         Raises:
             DataError: the image is not in the index.
         """
-        index = self.index.live.images
-        row = index.row(image_id)
-        if row is None:
+        item = self.index.live.images.get(image_id)
+        if item is None:
             raise DataError(f"no image {image_id!r} in the index")
-        return self.image_file(index.items[row])
+        return self.image_file(item)
 
-    def _results(self, index: VectorIndex, scores: np.ndarray, rows: np.ndarray) -> list[Result]:
+    @staticmethod
+    def _results(hits: list[Hit]) -> list[Result]:
         out = []
-        for s, i in zip(scores.tolist(), rows.tolist(), strict=True):
-            if i < 0:
-                continue
-            it = index.items[i]
+        for s, it in hits:
             caption = it.get("caption") or (it.get("captions") or [None])[0]
             path = it.get("path") or it.get("image")
             if path and os.path.isabs(path):  # an older folder's: its name, not where it lives
@@ -278,20 +272,19 @@ class Retriever:
         return reorder(top, rescore(top, torch.tensor([r.score for r in top])))
 
     def candidate_states(
-        self, results: list[Result], live: Live | None = None
+        self, results: list[Result], live: View | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the re-ranker reads of indexed images (of `live`, the parts the results came
-        from; by default those live now): their states, as the folder keeps them; else from
+        """What the re-ranker reads of indexed images (of `live`, the view the results came
+        from; by default the one live now): their states, as the folder keeps them; else from
         their regions (from the feature store when it has them, else their files)."""
         live = live or self.index.live
-        index, states = live.images, live.states
-        rows = [index.row(r.id) for r in results]
+        states = live.states_of([r.id for r in results])
         if states is not None:
-            return states.gather(rows)
+            return states
         if not self._warned_files and self.regions.store is None:
             warnings.warn(slow_rerank_warning(self.folder), RuntimeWarning, stacklevel=2)
             self._warned_files = True
-        files = [str(self.image_file(index.items[row])) for row in rows]
+        files = self._files(live, [r.id for r in results])
         return self.reranker.image_states(self.regions.regions([r.id for r in results], files))
 
     @torch.inference_mode()
@@ -316,10 +309,11 @@ class Retriever:
         live = self.index.live  # once: a change may put a new version live meanwhile
         vectors = self.model.encode_text(queries).numpy()
         clock.lap("encode")
-        allowed = page.allowed(live.images)
-        scores, rows = live.images.search(vectors, max(k + page.offset, rerank), allowed=allowed)
+        depth = max(k + page.offset, rerank)
+        found = [
+            self._results(h) for h in live.search("images", vectors, depth, page.where(live.images))
+        ]
         clock.lap("search")
-        found = [self._results(live.images, s, i) for s, i in zip(scores, rows, strict=True)]
         if rerank:
             found = [
                 self._rerank(hits, rerank, self._image_rescorer(q, live))
@@ -344,7 +338,7 @@ class Retriever:
             DataError: the image is not in the index.
         """
         live = self.index.live
-        if live.images.row(image_id) is None:
+        if live.images.get(image_id) is None:
             raise DataError(f"no image {image_id!r} in the index")
         with torch.inference_mode():
             vector = self.model.encode_text([query])[0]
@@ -352,26 +346,29 @@ class Retriever:
         return self._explained(query, vector, [hit], live, rerank)[0].regions
 
     def explain_images(
-        self, query: str, vector: torch.Tensor, ids: list[str], live: Live, rerank: bool
+        self, query: str, vector: torch.Tensor, ids: list[str], live: View, rerank: bool
     ) -> list[RegionWeights]:
         """Region weights of indexed images for a text query and its vector:
         from their region features (the feature store, else their files) by the gradient of
         the score at each region's deletion gate, or from the states the index keeps (when it
         has no store) by each region state's similarity to the query."""
-        rows = [live.images.row(i) for i in ids]
         reranker = self.reranker if rerank else None
-        if live.states is not None and self.regions.store is None:
-            return explain_regions(self.model, vector, states=live.states.gather(rows))
-        files = [str(self.image_file(live.images.items[row])) for row in rows]
+        states = live.states_of(ids) if self.regions.store is None else None
+        if states is not None:
+            return explain_regions(self.model, vector, states=states)
+        files = self._files(live, ids)
         regions = self.regions.regions(ids, files)
         text = reranker.text_states([query]) if reranker is not None else None
         return explain_regions(self.model, vector, regions, reranker=reranker, text=text)
+
+    def _files(self, live: View, image_ids: list[str]) -> list[str]:
+        return [str(self.image_file(live.images.get(i))) for i in image_ids]
 
     def _explained(self, query, vector, hits, live, rerank) -> list[Result]:
         weights = self.explain_images(query, vector, [h.id for h in hits], live, rerank)
         return [dataclasses.replace(h, regions=w) for h, w in zip(hits, weights, strict=True)]
 
-    def _image_rescorer(self, query: str, live: Live):
+    def _image_rescorer(self, query: str, live: View):
         def rescore(top: list[Result], dot: torch.Tensor) -> torch.Tensor:
             return self.reranker.rerank_states(query, self.candidate_states(top, live), dot)
 
@@ -419,21 +416,21 @@ class Retriever:
         once; `rerank=K` re-scores the top K captions; `explain`: each caption result's token
         weights (`lightningdot.explain.token_weights`); `page` as for `search_image`. `search`
         times both searches."""
-        indexes = self._targets(targets, rerank)
+        live = self._targets(targets, rerank)
         check_query(k, rerank, self.reranker)
         page.check(k, rerank)
-        allowed = self._allowed_of(indexes, page)
+        where = page.where(live.images)
         clock = Stopwatch()
         regions = self.regions.of_images(queries)
         vectors = self.model.encode_image(regions).numpy()
         clock.lap("encode")
         found: dict[str, list[list[Result]]] = {}
-        for t, index in indexes.items():
+        for t in targets:
             # Only captions are re-ranked. An image index's prior was drawn from text queries;
             # image->image is plain similarity.
             depth = max(k + page.offset, rerank) if t == "captions" else k + page.offset
-            scores, rows = index.search(vectors, depth, t == "captions", allowed[t])
-            found[t] = [self._results(index, s, i) for s, i in zip(scores, rows, strict=True)]
+            hits = live.search(t, vectors, depth, where, with_prior=t == "captions")
+            found[t] = [self._results(h) for h in hits]
             clock.lap("search")
         if rerank:
             found["captions"] = [
@@ -458,29 +455,18 @@ class Retriever:
             for n, arrived in enumerate(arrivals)
         ]
 
-    def _targets(self, targets: tuple[str, ...], rerank: int) -> dict[str, VectorIndex]:
-        live = self.index.live  # once: an add may put a new version live meanwhile
-        indexes = {"captions": live.captions, "images": live.images}
+    def _targets(self, targets: tuple[str, ...], rerank: int) -> View:
+        """The view to search (taken once: a change may put a new one live meanwhile), once
+        the targets are known to be in it."""
+        live = self.index.live
         for t in targets:
-            if t not in indexes:
+            if t not in TARGETS:
                 raise DataError(f"unknown search target {t!r}: use 'captions' or 'images'")
-            if indexes[t] is None:
+            if t == "captions" and live.captions is None:
                 raise DataError(f"{self.folder} has no caption index (built without captions)")
         if rerank and "captions" not in targets:
             raise DataError("re-ranking scores image-text pairs; it applies to caption results")
-        return {t: indexes[t] for t in targets}
-
-    def _allowed_of(self, indexes: dict[str, VectorIndex], page: Page) -> dict:
-        """Each target's rows the page's filter lets through: images by their fields, captions
-        by their image's."""
-        images = indexes["images"] if "images" in indexes else self.index.live.images
-        allowed = page.allowed(images)
-        out = {t: allowed for t in indexes}
-        if allowed is not None and "captions" in indexes:
-            captions = indexes["captions"]
-            rows = [images.row(it.get("image", "")) for it in captions.items]
-            out["captions"] = np.array([r is not None and allowed[r] for r in rows], dtype=bool)
-        return out
+        return live
 
     def delete(self, image_ids: list[str]) -> None:
         """Delete images and their captions, all or none (`IndexFolder.delete`).

@@ -30,6 +30,7 @@ version 0; their first change moves them to this one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -37,11 +38,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from filelock import FileLock, Timeout
 
 from lightningdot.encode import StateRows
 from lightningdot.errors import DataError
 from lightningdot.features import FeatureStore
+from lightningdot.index.backend import Hit
+from lightningdot.index.filters import Filter
 from lightningdot.index.metadata import check_fields
 from lightningdot.index.record import UPLOADS, Manifest, legacy_upload
 from lightningdot.index.states import RegionStates
@@ -72,11 +76,38 @@ def root_name(folder: Path) -> str:
 @dataclass(frozen=True)
 class Live:
     """The parts searches read, put live together (one attribute, replaced whole): a search
-    that takes them once reads one version, whatever a change puts live meanwhile."""
+    that takes them once reads one version, whatever a change puts live meanwhile. The FAISS
+    `View` (`lightningdot.index.backend`)."""
 
     images: VectorIndex
     captions: VectorIndex | None = None
     states: RegionStates | None = None  # what re-ranking reads, when the folder keeps it
+
+    def search(
+        self,
+        target: str,
+        queries: np.ndarray,
+        k: int,
+        where: Filter | None = None,
+        with_prior: bool = True,
+    ) -> list[list[Hit]]:
+        index = self.images if target == "images" else self.captions
+        allowed = None if where is None else where.mask(self.images.columns)
+        if allowed is not None and target == "captions":
+            image_rows = self._caption_image_rows
+            allowed = (image_rows >= 0) & allowed[np.maximum(image_rows, 0)]
+        return index.hits(*index.search(queries, k, with_prior, allowed))
+
+    @functools.cached_property
+    def _caption_image_rows(self) -> np.ndarray:
+        """(captions,) the image index's row of each caption's image, -1 where it has none."""
+        rows = (self.images.row(it.get("image", "")) for it in self.captions.items)
+        return np.array([-1 if r is None else r for r in rows], dtype=np.int64)
+
+    def states_of(self, image_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.states is None:
+            return None
+        return self.states.gather([self.images.row(i) for i in image_ids])
 
 
 @dataclass
@@ -228,7 +259,7 @@ class IndexFolder:
         return name
 
     def _prefixes(self, name: str) -> bool:
-        return any(str(it["id"]).startswith(f"{name}/") for it in self.image_index.items)
+        return any(str(it["id"]).startswith(f"{name}/") for it in self.image_index.iterate())
 
     def indexed(self, item: dict, root: Path | None = None) -> bool:
         """Whether this image is indexed already: under the item's id, or its file under
@@ -238,10 +269,9 @@ class IndexFolder:
             DataError: the id is taken by another image.
         """
         file = os.path.normpath(self.file_of(item, root).resolve())
-        row = self.image_index.row(item["id"])
-        if row is None:
+        held = self.image_index.get(item["id"])
+        if held is None:
             return file in self._held_files()
-        held = self.image_index.items[row]
         if os.path.normpath(self.file_of(held).resolve()) != file:
             raise DataError(
                 f"image id {item['id']!r} is taken by another image in this index "
@@ -254,8 +284,7 @@ class IndexFolder:
         if self._files is None or self._files[0] is not self.image_index:
             roots = {}
             held = set()
-            index = self.image_index
-            for it in (index.items[row] for row in index.live_rows()):
+            for it in self.image_index.iterate():
                 if "path" not in it:
                     continue
                 key = it.get("root")

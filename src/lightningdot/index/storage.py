@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from lightningdot.errors import DataError
+from lightningdot.index.backend import Items
 from lightningdot.index.record import LEGACY_PARTS, PARTS, RECORD, UPLOADS, Manifest, legacy_upload
 from lightningdot.index.states import RegionStates, is_states_file
 from lightningdot.index.vector import VectorIndex
@@ -84,15 +85,14 @@ def sweep_versions(folder: Path, manifest: Manifest) -> None:
             shutil.rmtree(entry)
 
 
-def sweep_uploads(folder: Path, manifest: Manifest, images: VectorIndex) -> None:
+def sweep_uploads(folder: Path, manifest: Manifest, images: Items) -> None:
     """Remove the files under uploads/ that no item of `images` (the image index `manifest`
     names, loaded) holds: uploads whose commit never came, or that were deleted. Not in a folder of the older layout,
     whose uploads an older writer may be adding."""
     uploads = folder / UPLOADS
     if manifest.legacy or not uploads.is_dir():
         return
-    items = (images.items[row] for row in images.live_rows())  # a deleted upload goes too
-    held = {it["path"] for it in items if it.get("root") == UPLOADS}
+    held = images.uploads()  # a deleted upload goes too
     for f in uploads.iterdir():
         if f.name not in held and (f.is_file() or f.is_symlink()):
             f.unlink()

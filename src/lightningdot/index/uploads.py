@@ -66,7 +66,7 @@ def add_uploads(
     added: set[str] = set()
     # Those not indexed when the request came are encoded, without holding the folder; the
     # commit decides again, on what is committed then.
-    fresh = {key: n for key, n in first.items() if index.image_index.row(key) is None}
+    fresh = {key: n for key, n in first.items() if index.image_index.get(key) is None}
     if fresh:
         items = [
             {

@@ -31,7 +31,9 @@ import torch
 
 from lightningdot.config import IndexConfig, from_dict
 from lightningdot.errors import ConfigMismatchError, DataError
+from lightningdot.index.backend import Hit
 from lightningdot.index.metadata import MetadataColumns
+from lightningdot.index.record import UPLOADS
 from lightningdot.io import atomic_dir, link_or_copy, read_json
 from lightningdot.model.prior import QueryBank, gallery_side, hub_prior
 
@@ -69,6 +71,13 @@ def priors_of(bank: QueryBank | None) -> tuple[IndexPrior | None, IndexPrior | N
     return IndexPrior(bank.text.float().numpy(), bank.beta), IndexPrior(
         bank.image.float().numpy(), bank.beta
     )
+
+
+def with_prior_weight(queries: np.ndarray, with_prior: bool) -> np.ndarray:
+    """(Q, D) queries -> (Q, D + 1): a 1 where an index's rows keep their prior (a 0 to rank by
+    the dot product alone)."""
+    weight = np.full((len(queries), 1), 1.0 if with_prior else 0.0, np.float32)
+    return np.ascontiguousarray(np.hstack([queries, weight]))
 
 
 class VectorIndex:
@@ -163,6 +172,31 @@ class VectorIndex:
             self._columns = MetadataColumns(self.items)
         return self._columns
 
+    @property
+    def kinds(self) -> dict[str, str]:
+        """Each field a filter may name, and its kind (`lightningdot.index.metadata`)."""
+        return self.columns.kinds
+
+    def get(self, item_id: str) -> dict | None:
+        """The item with this id (not deleted), or None."""
+        row = self.row(item_id)
+        return None if row is None else self.items[row]
+
+    def iterate(self) -> Iterator[dict]:
+        """The items not deleted, in row order."""
+        return (self.items[row] for row in self.live_rows())
+
+    def uploads(self) -> set[str]:
+        """The file names of the uploaded images it holds (`lightningdot.index.record`)."""
+        return {it["path"] for it in self.iterate() if it.get("root") == UPLOADS}
+
+    def hits(self, scores: np.ndarray, rows: np.ndarray) -> list[list[Hit]]:
+        """A search's (Q, k) scores and rows -> each query's (score, item), past row -1 none."""
+        return [
+            [Hit(s, self.items[r]) for s, r in zip(qs, qr, strict=True) if r >= 0]
+            for qs, qr in zip(scores.tolist(), rows.tolist(), strict=True)
+        ]
+
     def live_rows(self) -> Iterator[int]:
         """The rows of items not deleted, in order."""
         if self.deleted is None:
@@ -253,8 +287,7 @@ class VectorIndex:
         """
         q = _as_matrix(queries, self.dim)
         if self.prior is not None:
-            weight = np.full((len(q), 1), 1.0 if with_prior else 0.0, np.float32)
-            q = np.ascontiguousarray(np.hstack([q, weight]))
+            q = with_prior_weight(q, with_prior)
         k = max(1, min(k, len(self)))
         if self.deleted is not None:
             allowed = ~self.deleted if allowed is None else allowed & ~self.deleted

@@ -158,7 +158,7 @@ def checked_page(
     page = Page(spec or None, offset, min_score)
     page.check(k, rerank)
     if spec:
-        parse_filter(spec, retriever.image_index.columns.kinds)
+        parse_filter(spec, retriever.image_index.kinds)
     return page
 
 
@@ -174,11 +174,10 @@ def thumbnail(path: str, size: int, mtime: float) -> bytes:
 
 def indexed_file(retriever: Retriever, image_id: str) -> Path:
     """The file of an indexed image (404 when the image or its file is not there)."""
-    index = retriever.image_index
-    row = index.row(image_id)
-    if row is None:
+    item = retriever.image_index.get(image_id)
+    if item is None:
         raise HTTPException(404, f"no image {image_id!r} in the index")
-    path = retriever.image_file(index.items[row])
+    path = retriever.image_file(item)
     if not path.is_file():
         raise HTTPException(404, f"the file of image {image_id!r} is missing: {path.name}")
     return path
@@ -282,7 +281,7 @@ def collection_routes(service: Service) -> APIRouter:
     )
     async def delete_image(image_id: str) -> DeleteResponse:
         """Delete an image and its captions from the index (an upload's file too)."""
-        if retriever.image_index.row(image_id) is None:
+        if retriever.image_index.get(image_id) is None:
             raise HTTPException(404, f"no image {image_id!r} in the index")
         await service.on_add_thread(retriever.delete, [image_id])
         return DeleteResponse(deleted=image_id, count=retriever.image_index.count)
@@ -294,7 +293,7 @@ def collection_routes(service: Service) -> APIRouter:
     )
     async def update_fields(image_id: str, update: FieldsUpdate) -> FieldsResponse:
         """Set or remove fields of an image, which filters then read."""
-        if retriever.image_index.row(image_id) is None:
+        if retriever.image_index.get(image_id) is None:
             raise HTTPException(404, f"no image {image_id!r} in the index")
         fields = await service.on_add_thread(retriever.update_fields, image_id, update.fields)
         return FieldsResponse(id=image_id, fields=fields)
