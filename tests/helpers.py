@@ -79,16 +79,20 @@ def tiny_reranker(seed: int = 0, fusion: float = 1.0):
     return r.eval()
 
 
-def index_of_saved_model(model_dir: Path, corpus, corpus_dir: Path, out: Path, store_dir=None):
+def index_of_saved_model(
+    model_dir: Path, corpus, corpus_dir: Path, out: Path, store_dir=None, milvus=None
+):
     """An index folder of `corpus` (images under `corpus_dir/images`) by the model saved in
-    `model_dir`, reading regions from the store at `store_dir` when given."""
+    `model_dir`, reading regions from the store at `store_dir` when given; with `milvus` (a
+    `MilvusTarget`), its vectors in Milvus."""
     from lightningdot.features import FeatureStore
     from lightningdot.index.build import build_index
     from lightningdot.model.checkpoint import load_model
 
     store = FeatureStore(store_dir) if store_dir is not None else None
     images = corpus_dir / "images"
-    return build_index(load_model(model_dir), str(model_dir), corpus, images, out, features=store)
+    model = load_model(model_dir)
+    return build_index(model, str(model_dir), corpus, images, out, features=store, milvus=milvus)
 
 
 def as_older_layout(folder: Path, out: Path, uploads: dict[str, bytes] | None = None) -> Path:

@@ -18,10 +18,16 @@ from lightningdot.retrieval import Page, Retriever
 from tests.helpers import index_of_saved_model
 
 
-@pytest.fixture
-def opened(corpus_dir, store_dir, model_dir, tmp_path):
+@pytest.fixture(params=["faiss", "milvus"])
+def opened(request, corpus_dir, store_dir, model_dir, tmp_path):
+    """An index folder of the corpus, opened, on each backend."""
     corpus = read_karpathy(corpus_dir / "captions.json")
-    index_of_saved_model(model_dir, corpus, corpus_dir, tmp_path / "ix", store_dir)
+    milvus = None
+    if request.param == "milvus":
+        from lightningdot.index.milvus import MilvusTarget
+
+        milvus = MilvusTarget(str(tmp_path / "milvus.db"))
+    index_of_saved_model(model_dir, corpus, corpus_dir, tmp_path / "ix", store_dir, milvus)
     model = load_model(model_dir)
     with torch.no_grad():
         image = model.encode_image(FeatureStore(store_dir).batch(corpus.keys()))
@@ -51,7 +57,7 @@ def test_a_filtered_page_is_brute_force_over_the_items_that_pass(opened):
 
 def test_the_built_in_fields_are_recorded_at_index_time(opened):
     r, *_ = opened
-    item = r.image_index.items[0]
+    item = r.image_index.get("img00.png")
     assert item["meta"]["width"] == 32 and item["meta"]["height"] == 24
     assert item["meta"]["size"] > 0 and item["meta"]["mtime"] > 0
     found = r.search_text(["red"], k=20, page=Page(filter={"width": {"gte": 33}}))[0]
@@ -83,9 +89,11 @@ def faiss_file(r: Retriever):
 
 def test_deleted_images_and_their_captions_are_gone_for_good(opened, corpus_dir):
     r, corpus, *_ = opened
-    before = faiss_file(r).stat().st_ino
+    on_faiss = r.index.manifest.backend is None
+    before = faiss_file(r).stat().st_ino if on_faiss else None
     r.delete(["img01.png", "img02.png"])
-    assert faiss_file(r).stat().st_ino == before  # linked into the new version, not rewritten
+    if on_faiss:  # linked into the new version, not rewritten
+        assert faiss_file(r).stat().st_ino == before
     assert r.image_index.count == len(corpus.images) - 2
     for index in (r, Retriever.open(r.folder)):
         hits = index.search_text(["a green picture"], k=20)[0].results
@@ -97,7 +105,7 @@ def test_deleted_images_and_their_captions_are_gone_for_good(opened, corpus_dir)
         r.delete(["img01.png"])
     with pytest.raises(DataError, match="not in the index"):
         r.delete(["img03.png", "nope.png"])
-    assert r.image_index.row("img03.png") is not None  # all or none
+    assert r.image_index.get("img03.png") is not None  # all or none
 
 
 def png(colour: str) -> bytes:
@@ -110,7 +118,7 @@ def test_deleting_an_upload_removes_its_file_and_it_can_come_back(opened):
     r, *_ = opened
     ((upload, added),) = r.add_uploads([("x.png", png("orange"))]).images
     assert added and (r.folder / "uploads" / upload).is_file()
-    assert r.image_index.items[r.image_index.row(upload)]["meta"]["width"] == 16
+    assert r.image_index.get(upload)["meta"]["width"] == 16
     r.delete([upload])
     assert not (r.folder / "uploads" / upload).exists()
     ((again, added),) = r.add_uploads([("x.png", png("orange"))]).images
@@ -208,7 +216,7 @@ def test_fields_from_a_file_at_index_time_with_bad_rows_named(
     index = Retriever.open(out)
     page = Page(filter={"stock": {"gte": 1}, "label": "sale"})
     assert [x.id for x in index.search_text(["red"], k=20, page=page)[0].results] == ["img01.png"]
-    meta = index.image_index.items[index.image_index.row("img02.png")]["meta"]
+    meta = index.image_index.get("img02.png")["meta"]
     assert meta["stock"] == 0 and "label" not in meta and meta["width"] == 32
 
 
@@ -225,7 +233,7 @@ def test_a_delete_and_an_add_from_two_openers_both_stay(opened, corpus_dir, stor
     assert second.add_collection(more, corpus_dir / "images", FeatureStore(store_dir)).added == 2
     reopened = Retriever.open(r.folder)
     assert reopened.image_index.count == len(corpus.images)
-    assert reopened.image_index.row("img00.png") is not None  # added again, after its delete
+    assert reopened.image_index.get("img00.png") is not None  # added again, after its delete
 
 
 def test_an_upsert_replaces_an_image_and_its_captions_in_one_commit(opened, corpus_dir):
@@ -247,8 +255,8 @@ def test_an_upsert_replaces_an_image_and_its_captions_in_one_commit(opened, corp
         top = similar.results[0]  # the query's own vector now: a dot product of 1
         assert top.id == "img03.png" and top.score == pytest.approx(1.0, abs=1e-4)
         captions = index.caption_index
-        assert captions.row("img03.png#1") is None
-        assert captions.items[captions.row("img03.png#0")]["caption"] == "a new caption"
+        assert captions.get("img03.png#1") is None
+        assert captions.get("img03.png#0")["caption"] == "a new caption"
         assert captions.count == len(corpus.captions) - 1
 
 
@@ -257,12 +265,14 @@ def test_a_first_delete_in_a_folder_of_the_older_layout_keeps_its_uploads(opened
     from tests.helpers import as_older_layout
 
     r, *_ = opened
+    if r.index.manifest.backend is not None:
+        pytest.skip("the older layout is a FAISS folder's")
     older = as_older_layout(r.folder, tmp_path / "older", {"upload-1.png": png("red")})
     IndexFolder.load(older).delete(["img04.png"])
     reopened = Retriever.open(older)  # opening sweeps uploads no item holds
-    item = reopened.image_index.items[reopened.image_index.row("upload-1.png")]
+    item = reopened.image_index.get("upload-1.png")
     assert item["root"] == "uploads" and (older / "uploads" / "upload-1.png").is_file()
-    assert reopened.image_index.row("img04.png") is None
+    assert reopened.image_index.get("img04.png") is None
 
 
 def test_an_image_query_pages_and_explains_the_same_captions(opened, corpus_dir):

@@ -138,7 +138,7 @@ def test_rerank_reorders_the_dot_top_k_by_fused_scores(corpus_dir, model_dir, tm
     assert set(ranked.timing_ms) == {"encode", "search", "rerank", "total"}
     # Without states, from the feature store; without either, from the files (with a warning
     # naming the cost): the same answer.
-    r.index.live = dataclasses.replace(r.index.live, states=None)
+    r.index._live = dataclasses.replace(r.index.live, states=None)
     assert [x.id for x in r.search_text([q], k=2, rerank=4)[0].results] == want
     r.regions.store = None
     with pytest.warns(RuntimeWarning, match="keeps no region states"):

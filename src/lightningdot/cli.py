@@ -242,8 +242,19 @@ def index(
             "its `path` in the folder; bad rows are skipped and named."
         ),
     ] = None,
+    backend: Annotated[
+        str, opt("Where the vectors go: faiss (in the folder) or milvus (with --uri).")
+    ] = "faiss",
+    uri: Annotated[
+        str | None,
+        opt("Milvus: a milvus-lite file (PATH.db) or a server (http://host:19530)."),
+    ] = None,
+    collection: Annotated[
+        str | None, opt("Milvus: base name of the collections (default: from --out).")
+    ] = None,
 ) -> None:
-    """Encode a collection into a FAISS index (images, and captions when known)."""
+    """Encode a collection into an index folder (images, and captions when known): FAISS
+    indexes in it, or Milvus collections it names."""
     from lightningdot.config import RuntimeConfig
     from lightningdot.index.build import add_images, index_images
 
@@ -253,6 +264,7 @@ def index(
             raise LightningDotError(
                 "--states/--no-states is for a build: an add keeps the index's own"
             )
+        milvus = milvus_target(backend, uri, collection, add)
         if add:
             args = (out, images, annotations, split, model, features, progress, run_on)
             report = add_images(*args, fields_file=metadata)
@@ -269,6 +281,7 @@ def index(
                 run_on,
                 states is not False,
                 metadata,
+                milvus,
             )
     if add:
         show.console.print(f"added {report.added} new image(s); {report.total} in {out}")
@@ -276,6 +289,27 @@ def index(
         show.print_built(report, factory, out)
     show.print_skipped(report.failed)
     show.print_skipped(report.skipped_fields, "metadata row(s)")
+
+
+def milvus_target(backend: str, uri: str | None, collection: str | None, add: bool):
+    """The Milvus target of `ldot index`'s options (None for FAISS)."""
+    from lightningdot.index.milvus import MilvusTarget
+
+    if backend not in ("faiss", "milvus"):
+        raise LightningDotError(f"--backend is faiss or milvus, not {backend!r}")
+    if backend == "faiss":
+        if uri or collection:
+            raise LightningDotError("--uri and --collection go with --backend milvus")
+        return None
+    if add:
+        raise LightningDotError(
+            "--add grows an index on the backend it was built on: drop --backend"
+        )
+    if not uri:
+        raise LightningDotError(
+            "--backend milvus needs --uri (a PATH.db file or http://host:19530)"
+        )
+    return MilvusTarget(uri, collection)
 
 
 @app.command()
@@ -340,10 +374,10 @@ def delete(
 ) -> None:
     """Delete images, and their captions, from an index: all of them or, if one is not in
     the index, none."""
-    from lightningdot.index.folder import IndexFolder
+    from lightningdot.index.engines import load_index
 
     with user_errors():
-        index = IndexFolder.load(index_dir)
+        index = load_index(index_dir)
         index.delete(image_ids)
     show.console.print(
         f"deleted {len(image_ids)} image(s); {index.image_index.count} left in {index_dir}",

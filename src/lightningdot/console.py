@@ -86,8 +86,7 @@ def print_skipped(failed: list[tuple[str, str]], what: str = "image(s) that do n
 
 
 def print_built(built, factory: str, out: Path) -> None:
-    indexes = {k: v for k, v in built.indexes.items() if k != "states"}
-    counts = ", ".join(f"{len(ix)} {name}" for name, ix in indexes.items())
+    counts = ", ".join(f"{n} {name}" for name, n in built.counts.items() if n)
     console.print(escape(f"{counts} -> {out}"))
     if "states" in built.indexes:
         states = built.indexes["states"]

@@ -29,6 +29,7 @@ from lightningdot.explain import RegionWeights, TokenWeights, explain_regions, t
 from lightningdot.features import FeatureStore, RegionBatch
 from lightningdot.index.backend import Hit, Items, View
 from lightningdot.index.build import AddReport, add_collection
+from lightningdot.index.engines import open_index
 from lightningdot.index.filters import Filter, parse_filter
 from lightningdot.index.folder import IndexFolder
 from lightningdot.index.record import Manifest
@@ -220,7 +221,7 @@ class Retriever:
         if not isinstance(model, BiEncoder):
             model = load_model(model or Manifest.read(Path(folder)).model)
         accelerate(model, runtime)
-        index = IndexFolder.open(folder, model, mmap)
+        index = open_index(folder, model, mmap)
         return cls(model, index, open_reranker(reranker, model))
 
     @property

@@ -375,7 +375,7 @@ def test_cli_serve_refuses_a_folder_that_is_no_index(tmp_path):
 def test_errors_name_the_servers_folders_by_root_not_by_place(client, retriever, corpus_dir):
     """A re-rank that meets a vanished image file says which, without the server's paths."""
     # As in a folder that keeps none: re-ranking reads the files.
-    retriever.index.live = dataclasses.replace(retriever.index.live, states=None)
+    retriever.index._live = dataclasses.replace(retriever.index.live, states=None)
     for f in (corpus_dir / "images").iterdir():
         f.unlink()
     with pytest.warns(RuntimeWarning, match="keeps no region states"):

@@ -15,9 +15,20 @@ from lightningdot.serve import create_app  # noqa: E402
 from tests.serve.test_security import HERE, KEY, client_for  # noqa: E402
 
 
-@pytest.fixture
-def retriever(index_dir):
-    return Retriever.open(index_dir)
+@pytest.fixture(params=["faiss", "milvus"])
+def retriever(request, index_dir, corpus_dir, tmp_path):
+    """The index of `index_dir`, or the same built into Milvus."""
+    if request.param == "faiss":
+        return Retriever.open(index_dir)
+    pytest.importorskip("milvus_lite")
+    from lightningdot.data import read_karpathy
+    from lightningdot.index.milvus import MilvusTarget
+    from tests.helpers import index_of_saved_model
+
+    corpus = read_karpathy(corpus_dir / "captions.json", "train")
+    milvus = MilvusTarget(str(tmp_path / "m.db"))
+    index_of_saved_model(tmp_path / "model", corpus, corpus_dir, tmp_path / "ixm", milvus=milvus)
+    return Retriever.open(tmp_path / "ixm")
 
 
 @pytest.fixture
@@ -91,7 +102,7 @@ def test_delete_is_a_write_like_an_add(retriever):
         assert c.delete("/images/img00.png").status_code == 401
         evil = {"Origin": "http://evil.example", "X-API-Key": KEY}
         assert c.delete("/images/img00.png", headers=evil).status_code == 403
-        assert retriever.image_index.row("img00.png") is not None
+        assert retriever.image_index.get("img00.png") is not None
         assert c.delete("/images/img00.png", headers={"X-API-Key": KEY}).status_code == 200
     with client_for(retriever, "0.0.0.0", None) as c:  # writes off beyond loopback without a key
         assert c.delete("/images/img01.png").status_code == 403
@@ -133,4 +144,4 @@ def test_patch_is_a_write_like_an_add(retriever):
         assert (
             c.patch("/images/img00.png", json={"fields": {"a": 1}}, headers=evil).status_code == 403
         )
-        assert "a" not in retriever.image_index.items[0].get("meta", {})
+        assert "a" not in retriever.image_index.get("img00.png").get("meta", {})

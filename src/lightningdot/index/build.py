@@ -19,8 +19,16 @@ from lightningdot.data import Corpus, ImageRecord, read_collection
 from lightningdot.encode import Encoded, RegionSource, encode_readable, encode_texts
 from lightningdot.errors import DataError
 from lightningdot.features import FeatureStore
+from lightningdot.index.engines import current_record, open_index
 from lightningdot.index.folder import CaptionRows, IndexFolder, Rows, root_name
 from lightningdot.index.metadata import file_metadata, read_fields_file
+from lightningdot.index.milvus import (
+    MilvusTarget,
+    Priors,
+    build_milvus,
+    check_target,
+    drop_replaced,
+)
 from lightningdot.index.record import Manifest
 from lightningdot.index.states import RegionStates
 from lightningdot.index.storage import check_buildable
@@ -62,7 +70,8 @@ def caption_items(items: list[dict]) -> list[dict]:
 
 @dataclass
 class BuildReport:
-    indexes: dict[str, VectorIndex | RegionStates]
+    indexes: dict[str, VectorIndex | RegionStates]  # those written into the folder (FAISS)
+    counts: dict[str, int] = field(default_factory=dict)  # items per part ("images", ...)
     recall_at_10: float | None = None  # of an approximate image index against exact search
     recall_queries: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (key, why) of images skipped
@@ -98,9 +107,11 @@ def build_index(
     recall_sample: int = 1000,
     states: bool = True,
     fields: dict[str, dict] | None = None,
+    milvus: MilvusTarget | None = None,
 ) -> BuildReport:
     """Encode a collection (reusing stored features when given) into the index folder `out`,
-    new or replaced whole in one commit.
+    new or replaced whole in one commit; with `milvus`, its vectors into Milvus collections
+    there (`lightningdot.index.milvus`; no region states).
 
     With an approximate factory, also measures recall@10 of the image index against exact search
     on up to `recall_sample` queries (the captions when known, else the images themselves).
@@ -111,35 +122,74 @@ def build_index(
         DataError: no image decodes, or `out` is not a folder a build may write (see
             `IndexFolder.create`).
     """
-    cfg = cfg or IndexConfig()
-    check_buildable(Path(out))  # before any encoding (it checks again under the lock)
-    image_prior, caption_prior = priors_of(model.bank)
-    VectorIndex.check_factory(cfg.factory, model.cfg.embed_dim + (image_prior is not None))
+    cfg, out = cfg or IndexConfig(), Path(out)
+    priors = Priors(*priors_of(model.bank))
+    milvus = _check_build(model, out, cfg, priors, milvus)
     source = RegionSource.of(model, features, image_dir)
-    corpus, encoded = _encode(model, corpus, source, progress or Silent(), states)
+    keep = states and milvus is None
+    corpus, encoded = _encode(model, corpus, source, progress or Silent(), keep)
     if not corpus.images:
         raise DataError(f"none of the images under {image_dir} could be read")
-    identity = index_identity(model)
     vectors, root = encoded.vectors.numpy(), Path(image_dir).resolve()
     items = image_items(corpus.images, root_name(root), folder=root, fields=fields)
-    images = VectorIndex.build(vectors, items, identity, cfg, image_prior)
-    report = BuildReport({"images": images}, failed=encoded.failed)
+    captions = None
+    if corpus.captions:
+        captions = (encode_texts(model, corpus.captions).numpy(), caption_items(items))
+    store = None if features is None else str(Path(features.root).resolve())
+    roots = {items[0]["root"]: str(root)}
+    manifest = Manifest(model_name, index_identity(model), roots=roots, features=store)
+    previous = current_record(out)
+    if milvus is None:
+        report = _faiss_parts(manifest, (vectors, items), captions, encoded, priors, cfg)
+        report.recall_at_10, report.recall_queries = _recall(
+            report.indexes["images"], (vectors, items), captions, recall_sample
+        )
+        IndexFolder.create(out, manifest, report.indexes)
+    else:
+        build_milvus(out, manifest, milvus, (vectors, items), captions, priors, cfg)
+        report = BuildReport({}, failed=encoded.failed)
+    report.counts = {"images": len(items), "captions": len(captions[1]) if captions else 0}
+    drop_replaced(previous, Manifest.read(out))
+    return report
+
+
+def _check_build(model, out: Path, cfg, priors, milvus: MilvusTarget | None):
+    """Refuse a build before any encoding (it checks the folder again under its lock); returns
+    the Milvus target resolved (None for FAISS)."""
+    check_buildable(out)
+    if milvus is None:
+        VectorIndex.check_factory(cfg.factory, model.cfg.embed_dim + (priors.beta is not None))
+        return None
+    milvus = milvus.resolved(out)
+    check_target(milvus, cfg)
+    return milvus
+
+
+def _faiss_parts(manifest, images, captions, encoded, priors, cfg) -> BuildReport:
+    """The parts of a FAISS folder: image and caption indexes, and states when encoded."""
+    identity = manifest.model_id
+    report = BuildReport(
+        {"images": VectorIndex.build(*images, identity, cfg, priors.images)},
+        failed=encoded.failed,
+    )
     if encoded.states is not None:
         report.indexes["states"] = RegionStates.build(encoded.states)
-    queries = vectors
-    if corpus.captions:
-        queries = encode_texts(model, corpus.captions).numpy()
-        captions = VectorIndex.build(queries, caption_items(items), identity, cfg, caption_prior)
-        report.indexes["captions"] = captions
-    if cfg.factory != "Flat":
-        exact = VectorIndex.build(vectors, items, identity, prior=image_prior)
-        sample = queries[np.random.default_rng(0).permutation(len(queries))[:recall_sample]]
-        report.recall_at_10 = recall_against_exact(images, exact, sample, 10)
-        report.recall_queries = len(sample)
-    store = None if features is None else str(Path(features.root).resolve())
-    manifest = Manifest(model_name, identity, roots={items[0]["root"]: str(root)}, features=store)
-    IndexFolder.create(Path(out), manifest, report.indexes)
+    if captions is not None:
+        report.indexes["captions"] = VectorIndex.build(*captions, identity, cfg, priors.captions)
     return report
+
+
+def _recall(
+    index: VectorIndex, images: tuple, captions: tuple | None, sample: int
+) -> tuple[float | None, int]:
+    """Recall@10 of an approximate image index against exact search over the same `images`
+    (vectors, items), on up to `sample` queries (the captions when known, else the images)."""
+    if index.cfg.factory == "Flat":
+        return None, 0
+    exact = VectorIndex.build(*images, index.model_id, prior=index.prior)
+    queries = captions[0] if captions is not None else images[0]
+    chosen = queries[np.random.default_rng(0).permutation(len(queries))[:sample]]
+    return recall_against_exact(index, exact, chosen, 10), len(chosen)
 
 
 def add_collection(
@@ -195,11 +245,13 @@ def index_images(
     runtime: RuntimeConfig = AUTO_RUNTIME,
     states: bool = True,
     fields_file: Path | None = None,
+    milvus: MilvusTarget | None = None,
 ) -> BuildReport:
     """`ldot index`: the images an annotation file names (with their captions), or every image
     under `image_dir`, into the index folder `out`, by `model` (default: "default") run on
     `runtime`; `states`: keep what re-ranking reads of each image (about 63 KB each);
-    `fields_file`: the user's fields of the images (`read_fields_file`)."""
+    `fields_file`: the user's fields of the images (`read_fields_file`); `milvus`: where the
+    vectors go, when not into FAISS indexes in the folder."""
     corpus = read_collection(image_dir, annotations, split)
     fields, skipped = user_fields(fields_file, corpus)
     model = model or "default"
@@ -209,7 +261,7 @@ def index_images(
     store = FeatureStore(features) if features is not None else None
     cfg = IndexConfig(factory=factory)
     args = (net, model, corpus, image_dir, out, cfg, store, progress)
-    report = build_index(*args, states=states, fields=fields)
+    report = build_index(*args, states=states, fields=fields, milvus=milvus)
     report.skipped_fields = skipped
     return report
 
@@ -242,7 +294,7 @@ def add_images(
     corpus = read_collection(image_dir, annotations, split)
     fields, skipped = user_fields(fields_file, corpus)
     net = accelerate(load_model(model or Manifest.read(Path(out)).model), runtime)
-    index = IndexFolder.open(out, net, mmap=False)
+    index = open_index(out, net, mmap=False)
     store = FeatureStore(features) if features is not None else None
     report = add_collection(index, net, corpus, Path(image_dir), store, progress, fields)
     report.skipped_fields = skipped

@@ -16,7 +16,8 @@ treats NULL. A filter is checked against the fields an index knows before it is 
 a typo is an error naming the field rather than an empty answer.
 
 `parse_filter` reads the JSON; `Filter.mask` evaluates it over `MetadataColumns` at once for
-every row, which a search hands FAISS as an id selector.
+every row, which a search hands FAISS as an id selector; `Filter.expression` writes it as a
+Milvus boolean expression over a JSON field of the same fields, with the same meaning.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class Filter:
         for c in self.conditions:
             out &= _condition_mask(columns, c)
         return out
+
+    def expression(self, column: str = "fields") -> str:
+        """The filter as a Milvus boolean expression on the JSON field `column`."""
+        return " and ".join(f"({_condition_expression(column, c)})" for c in self.conditions)
 
 
 def parse_filter(spec: str | dict | None, kinds: dict[str, str]) -> Filter | None:
@@ -150,3 +155,35 @@ def _text_mask(columns: MetadataColumns, c: Condition) -> np.ndarray:
         hit = np.flatnonzero(np.isin(categories, np.asarray(wanted, dtype=object)))
     inside = np.isin(codes, hit)
     return (codes >= 0) & ~inside if c.op == "ne" else inside
+
+
+MILVUS_COMPARISONS = {"eq": "==", "ne": "!=", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
+
+
+def _condition_expression(column: str, c: Condition) -> str:
+    """One condition in Milvus's expression language. A key an item lacks makes every
+    comparison on it false there, `!=` included: NULL, as `mask` treats it. `in` is written
+    as equalities (Milvus's `in` does not reach into JSON values), and `prefix` as a range of
+    text (its `like` has no escape for `%` and `_`)."""
+    key = f"{column}[{_literal(c.field)}]"
+    if c.op == "in":
+        return " or ".join(f"{key} == {_literal(v)}" for v in c.value)
+    if c.op == "prefix":
+        if not c.value:
+            return f"exists {key}"
+        above = _successor(c.value)
+        upper = f" and {key} < {_literal(above)}" if above is not None else ""
+        return f"{key} >= {_literal(c.value)}{upper}"
+    return f"{key} {MILVUS_COMPARISONS[c.op]} {_literal(c.value)}"
+
+
+def _successor(prefix: str) -> str | None:
+    """The least text above every text that starts with `prefix` (None: there is none)."""
+    while prefix and prefix[-1] == chr(0x10FFFF):
+        prefix = prefix[:-1]
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else None
+
+
+def _literal(value: float | str) -> str:
+    """A number or a quoted, escaped text, as Milvus expressions read it."""
+    return json.dumps(value, ensure_ascii=False)

@@ -4,7 +4,8 @@ one atomic commit at a time.
     retriever.json  the record, the one file a change replaces: {"format": 2, "model",
                     "model_id", "version": N, "parts": {"images": "v3/images", "captions":
                     "v2/captions"}, "roots": {name: folder}, "features"?: where re-ranking
-                    reads regions}
+                    reads regions; a Milvus folder's also "backend" and "kinds":
+                    `lightningdot.index.milvus`}
     vN/images/      `VectorIndex` of the images; items {"id", "root", "path", "captions"?}
     vN/captions/    `VectorIndex` of their captions; items {"id": "<image id>#<n>", "image",
                     "caption"}
@@ -126,16 +127,10 @@ class IndexFolder:
     """An index folder opened for search and for changes (see the module docstring)."""
 
     def __init__(
-        self,
-        folder: Path,
-        manifest: Manifest,
-        image_index: VectorIndex,
-        caption_index: VectorIndex | None,
-        caption_prior: IndexPrior | None = None,
-        states: RegionStates | None = None,
+        self, folder: Path, manifest: Manifest, live: Live, caption_prior: IndexPrior | None = None
     ) -> None:
         self.folder, self.manifest = folder, manifest
-        self.live = Live(image_index, caption_index, states)
+        self._live = live
         self.caption_prior = caption_prior  # of a caption index the first captioned add makes
         # Changes in this process take turns on the first (re-entrant: a caller may hold it
         # around a check and a change), and with other processes on the lock file as well.
@@ -169,12 +164,16 @@ class IndexFolder:
         try:
             recover_legacy(folder, Manifest.read(folder))
             index = cls._load_current(folder, model_id, caption_prior, mmap)
-            with contextlib.suppress(OSError):  # tidying is not what the caller came for
-                sweep_versions(folder, index.manifest)
-                sweep_uploads(folder, index.manifest, index.image_index)
+            index._tidy()
             return index
         finally:
             lock.release()
+
+    def _tidy(self) -> None:
+        """Remove what a killed writer left (with the folder's lock held)."""
+        with contextlib.suppress(OSError):  # tidying is not what the caller came for
+            sweep_versions(self.folder, self.manifest)
+            sweep_uploads(self.folder, self.manifest, self.image_index)
 
     @classmethod
     def _load_current(cls, folder, model_id, caption_prior, mmap, tries: int = 3) -> IndexFolder:
@@ -186,7 +185,12 @@ class IndexFolder:
             if tries == 1 or Manifest.read(folder).version == manifest.version:
                 raise
             return cls._load_current(folder, model_id, caption_prior, mmap, tries - 1)
-        return cls(folder, manifest, parts[0], parts[1], caption_prior, parts[2])
+        return cls(folder, manifest, Live(*parts), caption_prior)
+
+    @property
+    def live(self) -> Live:
+        """The view searches read now (`lightningdot.index.backend.View`)."""
+        return self._live
 
     @property
     def image_index(self) -> VectorIndex:
@@ -328,7 +332,7 @@ class IndexFolder:
             root = Path(rows.root[1]) if named else None  # uploads/: `root_folder` knows it
             if replace:
                 new = [True] * len(rows.items)
-                gone = [i for i in ids if self.image_index.row(i) is not None]
+                gone = [i for i in ids if self.image_index.get(i) is not None]
             else:
                 new, gone = [not self.indexed(it, root) for it in rows.items], []
             if any(new):
@@ -372,11 +376,14 @@ class IndexFolder:
         if not image_ids:
             return
         with self.writing():
-            indexes: dict = {"images": self.image_index.without(image_ids)}
-            captions = self._caption_ids(image_ids)
-            if captions:
-                indexes["captions"] = self.caption_index.without(captions)
-            self._commit(self.manifest, indexes, {})
+            self._delete(image_ids)
+
+    def _delete(self, image_ids: list[str]) -> None:
+        indexes: dict = {"images": self.image_index.without(image_ids)}
+        captions = self._caption_ids(image_ids)
+        if captions:
+            indexes["captions"] = self.caption_index.without(captions)
+        self._commit(self.manifest, indexes, {})
 
     def update_fields(self, image_id: str, fields: dict) -> dict:
         """Update an image's fields in one commit (`VectorIndex.with_fields`); returns its
@@ -387,14 +394,17 @@ class IndexFolder:
         """
         check_fields(fields)
         if not fields:  # nothing to change: nothing to commit
-            images = self.image_index
-            if images.row(image_id) is None:
+            item = self.image_index.get(image_id)
+            if item is None:
                 raise DataError(f"no image {image_id!r} in the index")
-            return images.items[images.row(image_id)].get("meta", {})
+            return item.get("meta", {})
         with self.writing():
-            images = self.image_index.with_fields(image_id, fields)
-            self._commit(self.manifest, {"images": images}, {})
-        return images.items[images.row(image_id)].get("meta", {})
+            self._update(image_id, fields)
+        return self.image_index.get(image_id).get("meta", {})
+
+    def _update(self, image_id: str, fields: dict) -> None:
+        images = self.image_index.with_fields(image_id, fields)
+        self._commit(self.manifest, {"images": images}, {})
 
     def _caption_ids(self, image_ids: list[str]) -> list[str]:
         """The ids of these images' captions in the caption index."""
@@ -403,9 +413,9 @@ class IndexFolder:
             return []
         out = []
         for image_id in image_ids:
-            item = self.image_index.items[self.image_index.row(image_id)]
+            item = self.image_index.get(image_id)
             out += [f"{image_id}#{j}" for j in range(len(item.get("captions") or []))]
-        return [c for c in out if index.row(c) is not None]
+        return [c for c in out if index.get(c) is not None]
 
     def _commit(self, manifest: Manifest, indexes: dict, uploads: dict[str, bytes]) -> None:
         """Commit the changed parts `indexes` under `manifest`, then put them live; a failed
@@ -431,7 +441,7 @@ class IndexFolder:
 
     def _swap(self, images, captions, states) -> None:
         """Put committed parts live, in one step."""
-        self.live = Live(images, captions, states)
+        self._live = Live(images, captions, states)
 
     def _grown_states(self, rows: Rows, new: list[bool]) -> RegionStates:
         if rows.states is None:

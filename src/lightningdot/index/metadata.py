@@ -195,18 +195,30 @@ def field_kind(values: list[Any]) -> str:
     return NUMBER if values and numeric else TEXT
 
 
+def field_kinds(
+    fields: list[dict[str, Any]], known: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The kind of every field of items whose fields are `fields`; with `known`, the kinds
+    of others' fields as well, a field of both a number field only if it is one in each."""
+    found: dict[str, list[Any]] = {}
+    for each in fields:
+        for name, value in each.items():
+            if name not in BUILT_IN:
+                found.setdefault(name, []).append(value)
+    kinds = dict(known or BUILT_IN)
+    for name, values in found.items():
+        kind = field_kind(values)
+        kinds[name] = kind if kinds.get(name, kind) == kind else TEXT
+    return kinds
+
+
 class MetadataColumns:
     """The fields of an index's items as columns, each built on first use."""
 
     def __init__(self, items: list[dict]) -> None:
         self.rows = len(items)
         self._fields = [item_fields(it) for it in items]
-        found: dict[str, list[Any]] = {}
-        for fields in self._fields:
-            for name, value in fields.items():
-                if name not in BUILT_IN:
-                    found.setdefault(name, []).append(value)
-        self.kinds = {**BUILT_IN, **{n: field_kind(v) for n, v in found.items()}}
+        self.kinds = field_kinds(self._fields)
         self._columns: dict[str, Any] = {}
 
     def numbers(self, name: str) -> np.ndarray:

@@ -18,7 +18,7 @@ from lightningdot.io import read_json, write_json
 RECORD = "retriever.json"
 FORMAT = 2
 UPLOADS = "uploads"  # the root of uploaded images, and its folder in the index folder
-PARTS = ("images", "captions", "states")
+PARTS = ("images", "captions", "states", "priors")  # "priors": of a Milvus folder
 LEGACY_PARTS = ("images", "captions")  # the parts of the layout before versions
 
 
@@ -36,6 +36,10 @@ class Manifest:
     # wherever the record does not name them. Kept: a kill may come before they are swept.
     upgraded: bool = False
     legacy: bool = False  # read from that layout (not saved: a commit moves it to this one)
+    # Where the vectors are when not in FAISS parts: {"kind": "milvus", "uri", "collections":
+    # {"images": name, "captions"?: name}} (`lightningdot.index.milvus`).
+    backend: dict | None = None
+    kinds: dict[str, str] | None = None  # a Milvus folder's fields and their kinds
 
     @classmethod
     def read(cls, folder: Path) -> Manifest:
@@ -71,7 +75,9 @@ class Manifest:
             and (self.features is None or isinstance(self.features, str))
             and _names_texts(self.roots)
             and _names_texts(self.parts)
-            and "images" in self.parts
+            and ("images" in self.parts) == (self.backend is None)
+            and (self.backend is None or _backend_well_formed(self.backend))
+            and (self.kinds is None or _names_texts(self.kinds))
             and set(self.parts) <= set(PARTS)
             and all(_inside(p) for p in self.parts.values())
         )
@@ -111,6 +117,18 @@ def legacy_upload(item: dict, folder: Path) -> str | None:
         return None
     name = Path(path).name
     return name if (folder / UPLOADS / name).is_file() else None
+
+
+def _backend_well_formed(backend: object) -> bool:
+    if not isinstance(backend, dict) or backend.get("kind") != "milvus":
+        return False
+    collections = backend.get("collections")
+    return (
+        isinstance(backend.get("uri"), str)
+        and _names_texts(collections)
+        and "images" in collections
+        and set(collections) <= {"images", "captions"}
+    )
 
 
 def _texts(*values: object) -> bool:

@@ -32,6 +32,7 @@ PART_FILES = {
     "bank.npy",
     "deleted.npy",
 }  # `VectorIndex.write`'s
+PRIOR_FILES = {"images.npy", "captions.npy"}  # a Milvus folder's query banks
 # Names the layout before versions used, and that its writers left after a crash.
 LEGACY = {f"{part}{end}" for part in LEGACY_PARTS for end in ("", ".old", ".tmp")}
 
@@ -112,7 +113,9 @@ def is_version(entry: Path) -> bool:
     for part in entry.iterdir():
         if part.name not in PARTS or part.is_symlink() or not part.is_dir():
             return False
-        own = is_states_file if part.name == "states" else PART_FILES.__contains__
+        own = {"states": is_states_file, "priors": PRIOR_FILES.__contains__}.get(
+            part.name, PART_FILES.__contains__
+        )
         if any(not own(f.name) or not f.is_file() for f in part.iterdir()):
             return False
     return True
@@ -155,8 +158,12 @@ def replaceable(folder: Path) -> Manifest | None:
         return None
     current = Manifest.read(folder)
     recover_legacy(folder, current)
-    items = read_json(folder / current.parts["images"] / "items.json", "index items")
-    uploaded = sum(it.get("root") == UPLOADS or bool(legacy_upload(it, folder)) for it in items)
+    if current.backend is not None:  # its uploads: the files no sweep has found unheld
+        uploads = folder / UPLOADS
+        uploaded = sum(1 for _ in uploads.iterdir()) if uploads.is_dir() else 0
+    else:
+        items = read_json(folder / current.parts["images"] / "items.json", "index items")
+        uploaded = sum(it.get("root") == UPLOADS or bool(legacy_upload(it, folder)) for it in items)
     if uploaded:
         raise DataError(
             f"{folder} holds {uploaded} uploaded image(s) a rebuild would drop: add to it with "

@@ -1,0 +1,42 @@
+"""An index folder opened with the backend its record names: FAISS parts in the folder
+(`lightningdot.index.folder`) or Milvus collections (`lightningdot.index.milvus`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightningdot.index.folder import IndexFolder
+from lightningdot.index.milvus import MilvusFolder
+from lightningdot.index.record import RECORD, Manifest
+from lightningdot.index.vector import IndexPrior
+from lightningdot.model.encoders import BiEncoder
+
+
+def backend_of(folder: str | Path) -> type[IndexFolder]:
+    """The class that opens the index folder `folder`.
+
+    Raises:
+        DataError: it is not an index folder, or its record is damaged.
+    """
+    return MilvusFolder if Manifest.read(Path(folder)).backend else IndexFolder
+
+
+def open_index(folder: str | Path, model: BiEncoder, mmap: bool = True) -> IndexFolder:
+    """`IndexFolder.open` with the folder's backend."""
+    return backend_of(folder).open(folder, model, mmap)
+
+
+def load_index(
+    folder: str | Path,
+    model_id: str | None = None,
+    caption_prior: IndexPrior | None = None,
+    mmap: bool = True,
+) -> IndexFolder:
+    """`IndexFolder.load` with the folder's backend."""
+    return backend_of(folder).load(folder, model_id, caption_prior, mmap)
+
+
+def current_record(folder: Path) -> Manifest | None:
+    """The record a build into `folder` replaces, if any (read before the build, whose
+    commit drops the Milvus collections it names: `drop_replaced`)."""
+    return Manifest.read(folder) if (folder / RECORD).is_file() else None
