@@ -192,23 +192,44 @@ CONDITIONS = [
 ]
 
 
+@pytest.mark.parametrize("typed", [True, False], ids=["typed column", "json key"])
 @pytest.mark.parametrize("spec", CONDITIONS, ids=json.dumps)
-def test_milvus_expressions_select_what_the_masks_select(spec, tmp_path):
-    """Each operator's Milvus expression against `Filter.mask` over random metadata."""
+def test_milvus_expressions_select_what_the_masks_select(spec, typed, tmp_path):
+    """Each operator's Milvus expression, on a field's typed column and on its JSON key,
+    against `Filter.mask` over random metadata."""
     from lightningdot.config import IndexConfig
-    from lightningdot.index.milvus import MilvusItems, collection_rows, create_collection
+    from lightningdot.index.milvus import (
+        MilvusItems,
+        assign_slots,
+        collection_rows,
+        create_collection,
+    )
 
     items = random_items(200, 0)
     columns = MetadataColumns(items)
     where = parse_filter(spec, columns.kinds)
+    slots = assign_slots(columns.kinds, {})["slots"] if typed else {}
     client = connect(str(tmp_path / "f.db"))
-    create_collection(client, "t", 4, IndexConfig(), "m")
+    create_collection(client, "t", 4, IndexConfig(), "m", tmp_path)
     vectors = np.ones((len(items), 4), np.float32)
-    client.insert("t", collection_rows(vectors, items, [item_fields(it) for it in items], 1, None))
-    view = MilvusItems(client, "t", 1, "m", columns.kinds, None)
-    got = {it["id"] for it in view.iterate(where.expression())}
+    fields = [item_fields(it) for it in items]
+    client.insert("t", collection_rows(vectors, items, fields, 1, None, slots))
+    view = MilvusItems(client, "t", 1, "m", columns.kinds, None, slots)
+    got = {it["id"] for it in view.iterate(where.expression(slots))}
     want = {it["id"] for it, keep in zip(items, where.mask(columns), strict=True) if keep}
     assert got == want
+
+
+def test_slots_follow_the_kinds_of_fields_and_are_never_reused():
+    from lightningdot.index.milvus import SLOTS, assign_slots
+
+    backend = assign_slots({"size": "number", "camera": "text", "stock": "number"}, {})
+    assert backend["slots"] == {"size": "n0", "camera": "t0", "stock": "n1"}
+    turned = assign_slots({"stock": "text", "price": "number"}, backend)
+    assert turned["slots"]["stock"] == "t1" and turned["spent"] == ["n1"]
+    assert turned["slots"]["price"] == "n2"  # n1 holds stock's old numbers: never reused
+    many = assign_slots({f"f{i}": "number" for i in range(40)}, {})
+    assert len(many["slots"]) == SLOTS["n"]  # the rest are filtered on their JSON keys
 
 
 def test_a_milvus_uri_that_cannot_be_reached_is_refused_and_nothing_is_made(

@@ -61,9 +61,14 @@ class Filter:
             out &= _condition_mask(columns, c)
         return out
 
-    def expression(self, column: str = "fields") -> str:
-        """The filter as a Milvus boolean expression on the JSON field `column`."""
-        return " and ".join(f"({_condition_expression(column, c)})" for c in self.conditions)
+    def expression(self, columns: dict[str, str] | None = None) -> str:
+        """The filter as a Milvus boolean expression: on the scalar column `columns` names
+        for a field, else on the field's key in the JSON column `fields`."""
+        columns = columns or {}
+        return " and ".join(
+            f"({_condition_expression(columns.get(c.field) or _json_key(c.field), c)})"
+            for c in self.conditions
+        )
 
 
 def parse_filter(spec: str | dict | None, kinds: dict[str, str]) -> Filter | None:
@@ -160,17 +165,21 @@ def _text_mask(columns: MetadataColumns, c: Condition) -> np.ndarray:
 MILVUS_COMPARISONS = {"eq": "==", "ne": "!=", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
 
 
-def _condition_expression(column: str, c: Condition) -> str:
-    """One condition in Milvus's expression language. A key an item lacks makes every
-    comparison on it false there, `!=` included: NULL, as `mask` treats it. `in` is written
+def _json_key(name: str) -> str:
+    return f"fields[{_literal(name)}]"
+
+
+def _condition_expression(key: str, c: Condition) -> str:
+    """One condition on `key` (a column, or a key of a JSON column) in Milvus's expression
+    language. A value an item lacks (NULL, or a key it does not have) makes every comparison
+    on it false there, `!=` included, as `mask` treats it. `in` is written
     as equalities (Milvus's `in` does not reach into JSON values), and `prefix` as a range of
     text (its `like` has no escape for `%` and `_`)."""
-    key = f"{column}[{_literal(c.field)}]"
     if c.op == "in":
         return " or ".join(f"{key} == {_literal(v)}" for v in c.value)
     if c.op == "prefix":
         if not c.value:
-            return f"exists {key}"
+            return f"exists {key}" if key.startswith("fields[") else f"{key} is not null"
         above = _successor(c.value)
         upper = f" and {key} < {_literal(above)}" if above is not None else ""
         return f"{key} >= {_literal(c.value)}{upper}"

@@ -19,14 +19,24 @@ A row of a collection:
     vector  the item's vector, with its prior last where the model has a query bank
     item    the item, as a FAISS folder keeps it
     fields  the fields a filter reads (`item_fields`; a caption carries its image's)
+    n0..n15, t0..t15
+            the same fields as typed columns, for the fields the record gives one (a slot):
+            Milvus filters a scalar column some thirty times faster than a key of a JSON
+            column, and a schema cannot grow once made, hence slots named by the record.
+            A field gets the next free slot of its kind when it first appears (every row
+            that holds it is written after that); a number field that turns text loses its
+            slot (for good: its old values stay in it) and is filtered on its JSON key, as
+            are fields past the last slot.
 
 Commits are versions, as in a FAISS folder: at version V a search reads the rows with
 `batch <= V and (gone == 0 or gone > V)`. A change inserts its rows with batch V + 1 and
 marks those it deletes or replaces gone = V + 1 (an upsert of the same row, which leaves it
 visible at V), flushes, then replaces the record: before that rename searches see none of the
-change, after it all of it. What a killed writer left (rows of batch > V, marks gone > V) the
-next writer undoes; rows retired before V are purged after each commit (those retired at V
-stay one commit longer, for a reader that has not yet read the new record).
+change, after it all of it. A writer marks the folder (`.pending`) before its first row and
+clears the mark after its commit: the next writer that finds the mark undoes what a killed
+one left (rows of batch > V, marks gone > V, a collection the record does not name). The
+rows a commit retires are purged after the next commit (a reader that has not yet read the
+new record still sees them), by key: the record lists them.
 
 milvus-lite serves one process: a second process that opens the same file is refused with a
 clear error. A Milvus server serves any number. No region states are kept: re-ranking reads
@@ -42,7 +52,7 @@ import os
 import re
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,21 +64,25 @@ from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.index.backend import Hit
 from lightningdot.index.filters import Filter
 from lightningdot.index.folder import IndexFolder, Rows
-from lightningdot.index.metadata import field_kinds, item_fields
+from lightningdot.index.metadata import TEXT, field_kinds, item_fields
 from lightningdot.index.record import RECORD, UPLOADS, Manifest
 from lightningdot.index.storage import (
     LOCK,
+    PENDING,
     check_buildable,
     commit,
     replaceable,
     sweep_uploads,
 )
 from lightningdot.index.vector import IndexPrior, with_prior_weight
+from lightningdot.io import write_json
 
-PROPERTY = "lightningdot"  # the collection property naming the model that made it
+PROPERTY = "lightningdot"  # the collection property: {"model_id", "folder"} that made it
+PURGE_LIST = 2000  # retired rows a record lists for the next commit to purge by key
 BATCH = 1000  # rows per insert, upsert or page read
 MAX_LIMIT = 16384  # Milvus's largest top-k
 PARTS = ("images", "captions")
+SLOTS = {"n": 16, "t": 16}  # typed columns: numbers (and dates), text
 
 _clients: dict[str, Any] = {}
 _clients_lock = threading.Lock()
@@ -210,6 +224,44 @@ def index_settings(cfg: IndexConfig) -> tuple[dict, dict]:
     )
 
 
+def assign_slots(kinds: dict[str, str], backend: dict) -> dict:
+    """`backend` with a slot for every field of `kinds` that has none yet (while slots last),
+    and none for a field whose kind no longer suits its slot."""
+    slots, spent = dict(backend.get("slots") or {}), list(backend.get("spent") or [])
+    for name, kind in kinds.items():
+        want = "t" if kind == TEXT else "n"
+        if name in slots and slots[name][0] != want:
+            spent.append(slots.pop(name))
+        if name not in slots:
+            taken = set(slots.values()) | set(spent)
+            free = [f"{want}{i}" for i in range(SLOTS[want]) if f"{want}{i}" not in taken]
+            if free:
+                slots[name] = free[0]
+    return {**backend, "slots": slots, "spent": spent}
+
+
+def with_fields_of(manifest: Manifest, items: list[dict]) -> Manifest:
+    """The record with the fields of image items about to be written: their kinds, and
+    their slots."""
+    kinds = field_kinds([item_fields(it) for it in items], manifest.kinds)
+    return replace(manifest, kinds=kinds, backend=assign_slots(kinds, manifest.backend))
+
+
+def slot_values(fields: dict[str, Any], slots: dict[str, str]) -> dict[str, Any]:
+    """A row's typed columns: each slot's field value (None where the item lacks it); text
+    slots hold a value as text, as a FAISS folder's text columns do."""
+    out: dict[str, Any] = {f"{k}{i}": None for k, n in SLOTS.items() for i in range(n)}
+    for name, slot in slots.items():
+        value = fields.get(name)
+        if value is None:
+            continue
+        if slot[0] == "t":
+            out[slot] = str(value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[slot] = float(value)
+    return out
+
+
 def _expression_text(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
@@ -224,6 +276,7 @@ class MilvusItems:
     model_id: str
     field_kinds: dict[str, str]
     prior: IndexPrior | None
+    slots: dict[str, str] = field(default_factory=dict)  # field -> its typed column
 
     @property
     def gate(self) -> str:
@@ -291,7 +344,7 @@ class MilvusView:
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if items.prior is not None:
             q = with_prior_weight(q, with_prior)
-        expr = items.gate if where is None else f"{items.gate} and {where.expression()}"
+        expr = items.gate if where is None else f"{items.gate} and {where.expression(items.slots)}"
         found = items.client.search(
             items.collection,
             data=q.tolist(),
@@ -318,9 +371,10 @@ def _pages(client: Any, name: str, expr: str, fields: list[str]) -> Iterator[lis
 
 
 def collection_rows(
-    vectors: np.ndarray, items: list[dict], fields: list[dict], batch: int, prior
+    vectors: np.ndarray, items: list[dict], fields: list[dict], batch: int, prior, slots
 ) -> list[dict]:
-    """The rows of items with these vectors and filter fields, added by commit `batch`."""
+    """The rows of items with these vectors and filter fields (and their `slots`), added by
+    commit `batch`."""
     x = vectors if prior is None else prior.of(np.ascontiguousarray(vectors, dtype=np.float32))
     return [
         {
@@ -331,6 +385,7 @@ def collection_rows(
             "vector": v,
             "item": it,
             "fields": f,
+            **slot_values(f, slots),
         }
         for v, it, f in zip(x.tolist(), items, fields, strict=True)
     ]
@@ -341,7 +396,9 @@ def caption_fields(captions: list[dict], images: dict[str, dict]) -> list[dict]:
     return [item_fields(images[c["image"]]) if c["image"] in images else {} for c in captions]
 
 
-def create_collection(client: Any, name: str, dim: int, cfg: IndexConfig, model_id: str) -> None:
+def create_collection(
+    client: Any, name: str, dim: int, cfg: IndexConfig, model_id: str, folder: Path
+) -> None:
     """Make an empty collection of `dim`-dimensional vectors (a prior's coordinate included).
 
     Raises:
@@ -358,9 +415,16 @@ def create_collection(client: Any, name: str, dim: int, cfg: IndexConfig, model_
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
     schema.add_field("item", DataType.JSON)
     schema.add_field("fields", DataType.JSON)
+    for kind, n in SLOTS.items():
+        typed = {"n": {"datatype": DataType.DOUBLE}}.get(
+            kind, {"datatype": DataType.VARCHAR, "max_length": 65535}
+        )
+        for i in range(n):
+            schema.add_field(f"{kind}{i}", nullable=True, **typed)
     index = client.prepare_index_params()
     index.add_index("vector", metric_type="IP", **index_settings(cfg)[0])
-    props = {PROPERTY: json.dumps({"model_id": model_id})}
+    index.add_index("id", index_type="INVERTED")  # lookups by id: a search, not a scan
+    props = {PROPERTY: json.dumps({"model_id": model_id, "folder": str(folder.resolve())})}
     client.create_collection(
         name, schema=schema, index_params=index, consistency_level="Strong", properties=props
     )
@@ -377,12 +441,27 @@ def refuse_taken(client: Any, name: str) -> None:
         )
 
 
+def collection_owner(client: Any, name: str) -> dict:
+    """What a collection lightningdot made records of its maker ({"model_id", "folder"});
+    {} for another's."""
+    props = client.describe_collection(name).get("properties") or {}
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        owner = json.loads(props[PROPERTY])
+        return owner if isinstance(owner, dict) else {}
+    return {}
+
+
 def collection_model(client: Any, name: str) -> str | None:
     """The model id a collection of lightningdot's records; None for another's."""
-    props = client.describe_collection(name).get("properties") or {}
-    with contextlib.suppress(ValueError, TypeError, AttributeError):
-        return json.loads(props[PROPERTY])["model_id"]
-    return None
+    return collection_owner(client, name).get("model_id")
+
+
+def drop_orphans(client: Any, folder: Path, named: set[str]) -> None:
+    """Drop the collections a killed writer of `folder` made that its record does not name."""
+    mine = str(folder.resolve())
+    for name in client.list_collections():
+        if name not in named and collection_owner(client, name).get("folder") == mine:
+            client.drop_collection(name)
 
 
 def check_collections(client: Any, manifest: Manifest, model_id: str | None) -> None:
@@ -448,8 +527,8 @@ class MilvusFolder(IndexFolder):
             if part not in names:
                 return None
             prior = getattr(self.priors, part)
-            kinds = manifest.kinds or {}
-            args = (names[part], manifest.version, manifest.model_id, kinds, prior)
+            kinds, slots = manifest.kinds or {}, manifest.backend.get("slots") or {}
+            args = (names[part], manifest.version, manifest.model_id, kinds, prior, slots)
             return MilvusItems(self.client, *args)
 
         return MilvusView(items("images"), items("captions"), index_settings(cfg)[1])
@@ -479,18 +558,24 @@ class MilvusFolder(IndexFolder):
         return self.manifest.backend["collections"]
 
     def _recover(self) -> None:
-        """Undo what a writer killed before its commit left: its rows, its marks, and a
-        collection it made."""
+        """Undo what a writer killed before its commit left (its mark says one was at work):
+        its rows, its marks on rows, and a collection it made."""
+        pending = self.folder / PENDING
+        if not pending.exists():
+            return
         v = self.manifest.version
         for name in self._collections().values():
             self.client.delete(name, filter=f"batch > {v}")
             for marked in _pages(self.client, name, f"gone > {v}", ["*"]):
                 self.client.upsert(name, [{**r, "gone": 0} for r in marked])
-        base = self.manifest.backend["base"]
-        for name in self.client.list_collections():
-            ours = name.startswith(f"{base}_") and name not in self._collections().values()
-            if ours and collection_model(self.client, name) == self.manifest.model_id:
-                self.client.drop_collection(name)
+            self.client.flush(name)
+        drop_orphans(self.client, self.folder, set(self._collections().values()))
+        pending.unlink()
+
+    def _tidy_rows(self) -> None:
+        """Purge every row retired before the current version."""
+        for name in self._collections().values():
+            self.client.delete(name, filter=f"gone > 0 and gone < {self.manifest.version}")
 
     def _commit_rows(self, rows: Rows, new: list[bool], gone: list[str]) -> None:
         """Commit the `new` rows, the images `gone` (and their captions) retired first."""
@@ -511,8 +596,8 @@ class MilvusFolder(IndexFolder):
                 raise DataError(f"another add took the name {name!r} meanwhile: add again")
         uploads = {k: v for k, v in rows.uploads.items() if any(it["id"] == k for it in items)}
         retire = {"images": gone, "captions": self._caption_ids(gone)}
-        kinds = field_kinds([item_fields(it) for it in items], self.manifest.kinds)
-        self._change(replace(self.manifest, roots=roots, kinds=kinds), inserts, retire, uploads)
+        manifest = with_fields_of(replace(self.manifest, roots=roots), items)
+        self._change(manifest, inserts, retire, uploads)
 
     def _caption_ids(self, image_ids: list[str]) -> list[str]:
         """The ids of these images' captions in the caption collection (two queries)."""
@@ -547,33 +632,36 @@ class MilvusFolder(IndexFolder):
             fields_of = caption_fields(chosen, {image_id: item})
             inserts["captions"] = (text, chosen, fields_of, True)
         retire = {"images": [image_id], "captions": captions}
-        kinds = field_kinds([item_fields(item)], self.manifest.kinds)
-        self._change(replace(self.manifest, kinds=kinds), inserts, retire, {})
+        self._change(with_fields_of(self.manifest, [item]), inserts, retire, {})
 
     def _change(self, manifest: Manifest, inserts: dict, retire: dict, uploads: dict) -> None:
         """One commit: insert rows ((vectors, items, fields[, vectors hold priors])) per part,
         retire the rows of the ids `retire` names per part, then replace the record with
         `manifest` (see the module docstring). An error before the record is replaced undoes
         what was written."""
-        version = self.manifest.version + 1
+        version, previous = self.manifest.version + 1, self.manifest
+        write_json(self.folder / PENDING, {"version": version})  # before the first row
         try:
             manifest = self._insert(manifest, inserts, version)
-            for part, ids in retire.items():
-                if ids:
-                    self._retire(part, ids, version)
+            retired = {part: self._retire(part, ids, version) for part, ids in retire.items()}
             for name in manifest.backend["collections"].values():
                 self.client.flush(name)
-            committed = commit(self.folder, self.manifest, manifest, {}, uploads)
+            listed = sum(map(len, retired.values())) <= PURGE_LIST
+            backend = {**manifest.backend, "retired": retired if listed else "scan"}
+            committed = commit(
+                self.folder, previous, replace(manifest, backend=backend), {}, uploads
+            )
         except BaseException:
-            if Manifest.read(self.folder).version == self.manifest.version:
+            if Manifest.read(self.folder).version == previous.version:
                 with contextlib.suppress(Exception):
                     self._recover()
-                    sweep_uploads(self.folder, self.manifest, self.image_index)
+                    sweep_uploads(self.folder, previous, self.image_index)
             raise
+        (self.folder / PENDING).unlink()
         self.manifest = committed
         self._stamp, self._live = _record_stamp(self.folder), self._view(committed)
         with contextlib.suppress(Exception):  # tidying: the commit is done
-            self._purge(committed.version - 1)
+            self._purge(previous.backend.get("retired"))
             sweep_uploads(self.folder, committed, self.image_index)
 
     def _insert(self, manifest: Manifest, inserts: dict, version: int) -> Manifest:
@@ -587,23 +675,35 @@ class MilvusFolder(IndexFolder):
                 names[part] = f"{manifest.backend['base']}_{part}_v{version}"
                 dim = vectors.shape[1] + (prior is not None)
                 cfg = from_dict(IndexConfig, manifest.backend.get("config") or {})
-                create_collection(self.client, names[part], dim, cfg, manifest.model_id)
-            rows = collection_rows(vectors, items, fields, version, prior)
+                create_collection(
+                    self.client, names[part], dim, cfg, manifest.model_id, self.folder
+                )
+            slots = manifest.backend["slots"]
+            rows = collection_rows(vectors, items, fields, version, prior, slots)
             for start in range(0, len(rows), BATCH):
                 self.client.insert(names[part], rows[start : start + BATCH])
         return replace(manifest, backend={**manifest.backend, "collections": names})
 
-    def _retire(self, part: str, ids: list[str], version: int) -> None:
+    def _retire(self, part: str, ids: list[str], version: int) -> list[str]:
+        """Mark the rows of these items gone at `version`; returns their keys."""
+        if not ids:
+            return []
         items = getattr(self.live, part)
         held = items.rows(ids, ["*"])
         for start in range(0, len(held), BATCH):
             marked = [{**r, "gone": version} for r in held[start : start + BATCH]]
             self.client.upsert(items.collection, marked)
+        return [r["pk"] for r in held]
 
-    def _purge(self, version: int) -> None:
-        """Remove the rows retired at `version` or before."""
-        for name in self._collections().values():
-            self.client.delete(name, filter=f"gone > 0 and gone <= {version}")
+    def _purge(self, retired: dict | str | None) -> None:
+        """Remove the rows the commit before this one retired: by key where its record
+        lists them, else every row retired before this version."""
+        if retired == "scan":
+            self._tidy_rows()
+            return
+        for part, keys in (retired or {}).items():
+            if keys and part in self._collections():
+                self.client.delete(self._collections()[part], ids=keys)
 
 
 def build_milvus(
@@ -634,17 +734,18 @@ def build_milvus(
         backend.update(config=asdict(cfg), collections={})
         if priors.beta is not None:
             backend["beta"] = priors.beta
-        kinds = field_kinds([item_fields(it) for it in images[1]])
-        new = replace(manifest, backend=backend, kinds=kinds, parts={})
+        new = with_fields_of(replace(manifest, backend=backend, parts={}), images[1])
         if current is not None:
             new = replace(new, version=current.version, upgraded=current.old)
+        named = set(((current and current.backend) or {}).get("collections", {}).values())
+        drop_orphans(client, folder, named)  # what a killed build of this folder made
         for name in names.values():  # refused before anything is made
             refuse_taken(client, name)
-        made = _filled(client, names, new, images, captions, priors)
+        made = _filled(client, folder, names, new, images, captions, priors)
         _commit_build(folder, client, current, new, made, priors)
 
 
-def _filled(client, names, manifest, images, captions, priors) -> dict[str, str]:
+def _filled(client, folder, names, manifest, images, captions, priors) -> dict[str, str]:
     """Make and fill the collections of a build, named `names` (its version's)."""
     version = manifest.version + 1
     made: dict[str, str] = {}
@@ -657,14 +758,15 @@ def _filled(client, names, manifest, images, captions, priors) -> dict[str, str]
             name = names[part]
             dim = vectors.shape[1] + (prior is not None)
             cfg = from_dict(IndexConfig, manifest.backend["config"])
-            create_collection(client, name, dim, cfg, manifest.model_id)
+            create_collection(client, name, dim, cfg, manifest.model_id, folder)
             made[part] = name
             fields = (
                 [item_fields(it) for it in items]
                 if part == "images"
                 else caption_fields(items, {it["id"]: it for it in images[1]})
             )
-            table = collection_rows(vectors, items, fields, version, prior)
+            slots = manifest.backend["slots"]
+            table = collection_rows(vectors, items, fields, version, prior, slots)
             for start in range(0, len(table), BATCH):
                 client.insert(name, table[start : start + BATCH])
             client.flush(name)

@@ -24,6 +24,7 @@ from lightningdot.index.vector import VectorIndex
 from lightningdot.io import atomic_path, fsync_dir, read_json, recover_dir, sync_tree
 
 LOCK = ".lock"
+PENDING = ".pending"  # a Milvus folder's writer at work (`lightningdot.index.milvus`)
 VERSION = re.compile(r"v\d+")
 PART_FILES = {
     "index.faiss",
@@ -140,7 +141,8 @@ def check_buildable(folder: Path) -> None:
     if not folder.is_dir() or (folder / RECORD).exists():
         return
     for entry in folder.iterdir():
-        if not (entry.name == LOCK or is_temporary_record(entry.name) or is_version(entry)):
+        own = entry.name in (LOCK, PENDING) or is_temporary_record(entry.name)
+        if not (own or is_version(entry)):
             raise DataError(f"{folder} is not empty and not an index folder: choose another")
 
 
