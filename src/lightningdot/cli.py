@@ -41,6 +41,14 @@ Rerank = Annotated[int, opt("Re-rank each query's top K with cross-attention (0:
 RerankerName = Annotated[str, opt("Shipped re-ranker name or folder (with --rerank).")]
 JsonOut = Annotated[Path | None, opt("Write the results here.", "--json")]
 IndexDir = Annotated[Path, typer.Argument(help="Index folder from `ldot index`.")]
+Sync = Annotated[
+    bool,
+    opt(
+        "Bring an existing index in line with the folder, one of its roots: add new images, "
+        "encode changed ones, remove deleted ones, keep moved ones without encoding them.",
+        "--sync",
+    ),
+]
 Runtime = Annotated[
     str,
     opt(
@@ -225,6 +233,7 @@ def index(
     factory: Annotated[str, opt('FAISS factory string, e.g. "HNSW32".')] = "Flat",
     features: Features = None,
     add: Annotated[bool, opt("Add new images to an existing index.", "--add")] = False,
+    sync: Sync = False,
     runtime: Runtime = "auto",
     states: Annotated[
         bool | None,
@@ -255,6 +264,10 @@ def index(
 ) -> None:
     """Encode a collection into an index folder (images, and captions when known): FAISS
     indexes in it, or Milvus collections it names."""
+    if sync:  # what a sync does not take, by whether it was given
+        given = {"--add": add, "--states/--no-states": states is not None, "--features": features}
+        given |= {"--backend": backend != "faiss", "--uri": uri, "--collection": collection}
+        return sync_index(out, images, annotations, split, model, runtime, metadata, given)
     from lightningdot.config import RuntimeConfig
     from lightningdot.index.build import add_images, index_images
 
@@ -310,6 +323,25 @@ def milvus_target(backend: str, uri: str | None, collection: str | None, add: bo
             "--backend milvus needs --uri (a PATH.db file or http://host:19530)"
         )
     return MilvusTarget(uri, collection)
+
+
+def sync_index(out, images, annotations, split, model, runtime, metadata, refused) -> None:
+    """`ldot index --sync` (`lightningdot.index.sync`); `refused`: the options it does not
+    take, by whether they were given."""
+    from lightningdot.config import RuntimeConfig
+    from lightningdot.index.sync import sync_images
+
+    with user_errors(), show.progress_bar() as bar:
+        if given := [name for name, value in refused.items() if value]:
+            raise LightningDotError(
+                f"--sync takes no {', '.join(given)}: it reads the image files and keeps "
+                "what the index was built with"
+            )
+        args = (out, images, annotations, split, model, show.Bar(bar), RuntimeConfig(runtime))
+        report = sync_images(*args, fields_file=metadata)
+    show.print_synced(report, out)
+    show.print_skipped(report.failed)
+    show.print_skipped(report.skipped_fields, "metadata row(s)")
 
 
 @app.command()

@@ -80,3 +80,25 @@ def test_the_first_add_to_a_folder_of_the_older_layout_is_all_or_nothing(
 def test_a_build_is_all_or_nothing(corpus_dir, model_dir, tmp_path):
     args = {"images": str(corpus_dir / "images"), "annotations": str(corpus_dir / "captions.json")}
     check(crash_every_step(tmp_path, "build", None, "kill", model=str(model_dir), **args))
+
+
+@pytest.mark.parametrize("fault", ["kill", "enospc"])
+def test_a_sync_is_all_or_nothing(model_dir, tmp_path, fault):
+    """An addition, a change, a removal and a move in one commit; killed while it encodes,
+    its rerun reads what it staged."""
+    import os
+
+    from lightningdot.index.build import index_images
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    colours = ["red", "green", "blue", "yellow"]
+    for n, colour in enumerate(colours):
+        Image.new("RGB", (12, 12), colour).save(photos / f"p{n}.png")
+    index_images(tmp_path / "index", photos, model=str(model_dir))
+    Image.new("RGB", (12, 12), "purple").save(photos / "new.png")
+    Image.new("RGB", (12, 12), "orange").save(photos / "p0.png")
+    os.utime(photos / "p0.png", (1e9, 1e9))
+    (photos / "p1.png").unlink()
+    (photos / "p2.png").rename(photos / "p2-moved.png")
+    check(crash_every_step(tmp_path, "sync", tmp_path / "index", fault, images=str(photos)))

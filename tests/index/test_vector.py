@@ -96,3 +96,28 @@ def test_an_id_names_one_row_always():
     with pytest.raises(DataError, match=r"\['b'\]"):
         index.add(x[2:], [{"id": "c"}, {"id": "b"}])
     assert len(index) == 2 and index.row("c") is None
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat", "HNSW8"])
+@pytest.mark.parametrize("with_prior", [False, True], ids=["no-prior", "prior"])
+def test_vectors_are_those_added(factory, with_prior, tmp_path):
+    """What a sync gives a moved image: the vector it was added with, the prior left out, in a
+    grown index with deletes and in one read back from disk."""
+    from lightningdot.index.vector import IndexPrior
+
+    x = unit(120, 8, 0)
+    prior = IndexPrior(unit(30, 8, 3), 10.0) if with_prior else None
+    index = VectorIndex.build(x[:100], items(100), "m", IndexConfig(factory=factory), prior)
+    index.add(x[100:], items(20, 100))
+    index = index.without(["img7", "img50"])
+    ids = ["img110", "img3", "img99", "img3"]
+    want = x[[110, 3, 99, 3]]
+    assert index.vectors(ids).shape == (4, 8)
+    np.testing.assert_allclose(index.vectors(ids), want, atol=1e-6)
+    index.save(tmp_path / "ix")
+    for mmap in (False, True):
+        loaded = VectorIndex.load(tmp_path / "ix", mmap=mmap)
+        np.testing.assert_allclose(loaded.vectors(ids), want, atol=1e-6)
+    assert index.vectors([]).shape == (0, 8)
+    with pytest.raises(DataError, match="not in the index"):
+        index.vectors(["img7"])  # deleted

@@ -55,6 +55,10 @@ class Items(Protocol):
     def iterate(self) -> Iterator[dict]:
         """Every item, a page at a time."""
 
+    def vectors(self, item_ids: list[str]) -> np.ndarray:
+        """(N, D) the vectors held for these items, as they were added (a prior's coordinate
+        left out): what a sync gives a moved image instead of encoding it again."""
+
     def uploads(self) -> set[str]:
         """The file names of the uploaded images among them (`lightningdot.index.record`)."""
 

@@ -21,7 +21,7 @@ from lightningdot.errors import DataError
 from lightningdot.features import FeatureStore
 from lightningdot.index.engines import current_record, open_index
 from lightningdot.index.folder import CaptionRows, IndexFolder, Rows, root_name
-from lightningdot.index.metadata import file_metadata, read_fields_file
+from lightningdot.index.metadata import file_hash, file_metadata, read_fields_file
 from lightningdot.index.milvus import (
     MilvusTarget,
     Priors,
@@ -45,9 +45,11 @@ def image_items(
     prefix: str = "",
     folder: Path | None = None,
     fields: dict[str, dict] | None = None,
+    hashes: dict[str, str] | None = None,
 ) -> list[dict]:
     """The items of a collection's images; with `folder`, the root's folder, with what their
-    files say of them (`lightningdot.index.metadata`), and the user's `fields` by path."""
+    files say of them (`lightningdot.index.metadata`), the hash of their bytes (`hashes`,
+    by path, where known already), and the user's `fields` by path."""
     items = [
         {"id": prefix + im.key, "root": root, "path": im.key, "captions": im.captions}
         for im in images
@@ -57,6 +59,10 @@ def image_items(
         meta.update((fields or {}).get(it["path"], {}))
         if meta:
             it["meta"] = meta
+        if folder is not None:
+            digest = (hashes or {}).get(it["path"]) or file_hash(folder / it["path"])
+            if digest is not None:
+                it["hash"] = digest
     return items
 
 

@@ -12,6 +12,8 @@ one atomic commit at a time.
     vN/states/      what re-ranking reads of each image, row for row with the image index
                     (`lightningdot.index.states`; absent when built with --no-states)
     uploads/        images added through `ldot serve`, named by a hash of their bytes
+    .sync/          what a sync in progress encoded, for its rerun after an interruption
+                    (`lightningdot.index.sync`); removed once the sync commits
     .lock           writers take turns on it
 
 A change writes the parts it changes into a new version folder, flushes them to disk, and then
@@ -338,6 +340,26 @@ class IndexFolder:
             if any(new):
                 self._commit_rows(rows, new, gone)
         return new
+
+    def change(self, rows: Rows, gone: list[str]) -> None:
+        """Delete the images `gone` (and their captions) and add `rows` (an id of `gone` may
+        come back among them) in one commit: a sync's changes, all or none. Nothing to add
+        and nothing to delete: no commit.
+
+        Raises:
+            DataError: an id repeats, an id of `gone` is not in the index, or an added id is
+                held by an image not `gone`.
+        """
+        ids = [it["id"] for it in rows.items]
+        if len(set(ids)) != len(ids) or len(set(gone)) != len(gone):
+            raise DataError(f"image ids repeated among those changed: {(ids + gone)[:3]}")
+        if not ids:
+            self.delete(gone)
+            return
+        with self.writing():
+            if missing := [i for i in gone if self.image_index.row(i) is None]:
+                raise DataError(f"{len(missing)} id(s) not in the index, e.g. {missing[:3]}")
+            self._commit_rows(rows, [True] * len(ids), gone)
 
     def _commit_rows(self, rows: Rows, new: list[bool], gone: list[str]) -> None:
         """Commit the `new` rows, the images `gone` (and their captions) deleted first."""

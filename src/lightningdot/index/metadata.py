@@ -4,7 +4,8 @@ Each image item keeps, under "meta", what its file says when it is indexed: its 
 its modification time, its width and height, and from EXIF, when present, the time it was taken
 and the camera. Dates are Unix seconds (EXIF times carry no zone: read as UTC). Its path within
 its root and the folder of that path (ending in "/", "" at the top) are fields too, read from
-the item itself. Any other field a user gives an image is kept beside those: a number field if
+the item itself. A hash of the file's bytes is kept beside "meta", as the item's "hash"
+(`file_hash`): not a field, but what a sync (`lightningdot.index.sync`) tells content by. Any other field a user gives an image is kept beside those: a number field if
 all its values are numbers, else a text field.
 
 `MetadataColumns` turns the items of an index into one array per field, built when a filter
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
@@ -49,6 +51,19 @@ def file_metadata(path: Path) -> dict[str, Any]:
     except OSError:
         return {}
     return {"size": st.st_size, "mtime": round(st.st_mtime, 3), **_header_fields(path)}
+
+
+def file_hash(path: Path) -> str | None:
+    """A hash of the file's bytes (BLAKE2b, 128 bits, hex), kept as an item's "hash": what
+    tells a sync that a file changed or moved; None when it cannot be read."""
+    digest = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def upload_metadata(data: bytes) -> dict[str, Any]:

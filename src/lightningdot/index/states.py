@@ -81,6 +81,19 @@ class RegionStates:
         links their files from there."""
         return RegionStates([Chunk(c.rows, folder, n) for n, c in enumerate(self.chunks)])
 
+    def take(self, rows: list[int]) -> StateRows:
+        """The states of image rows `rows` as they are kept (float16, padded to the widest of
+        their chunks): for rows added again elsewhere, as a moved image is."""
+        parts = []
+        for r in rows:
+            if not 0 <= r < len(self):
+                raise IndexError(f"image row {r} of {len(self)}")
+            c = int(np.searchsorted(self._starts, r, side="right")) - 1
+            i = r - int(self._starts[c])
+            chunk = self.chunks[c].rows
+            parts.append(StateRows(np.asarray(chunk.states[i : i + 1]), chunk.lengths[i : i + 1]))
+        return StateRows.concat(parts)
+
     def gather(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The states of image rows `rows`: (K, L, H) float32 and their (K, L) mask, padded to
         the longest of them; as `Reranker.image_states` gives them."""

@@ -26,6 +26,10 @@ from lightningdot.io import atomic_path, fsync_dir, read_json, recover_dir, sync
 LOCK = ".lock"
 PENDING = ".pending"  # a Milvus folder's writer at work (`lightningdot.index.milvus`)
 VERSION = re.compile(r"v\d+")
+# A sync's staging folder (`lightningdot.index.sync`): its encodings in chunks named by a hash,
+# and the temporary files of chunks being written. Kept by sweeps (a rerun reads it).
+STAGING = ".sync"
+STAGED = re.compile(r"[0-9a-f]{32}\.npz|\.[0-9a-f]{32}\.npz\.[^/]+\.tmp")
 PART_FILES = {
     "index.faiss",
     "items.json",
@@ -76,7 +80,8 @@ def commit(
 
 def sweep_versions(folder: Path, manifest: Manifest) -> None:
     """Remove the version folders and temporary records `manifest` does not name (and, in a
-    folder that is or was of the older layout, that layout's folders)."""
+    folder that is or was of the older layout, that layout's folders). A sync's staging is
+    not swept: its rerun reads it, and removes it once committed (`remove_staging`)."""
     named = {Path(p).parts[0] for p in manifest.parts.values()}
     for entry in folder.iterdir():
         if entry.name in named or entry.is_symlink():
@@ -122,6 +127,26 @@ def is_version(entry: Path) -> bool:
     return True
 
 
+def is_staging(entry: Path) -> bool:
+    """A sync's staging folder, holding nothing but what a sync writes there."""
+    if entry.name != STAGING or entry.is_symlink() or not entry.is_dir():
+        return False
+    return all(STAGED.fullmatch(f.name) and f.is_file() for f in entry.iterdir())
+
+
+def remove_staging(folder: Path) -> None:
+    """Remove the files a sync staged in `folder`, and the staging folder once empty (a file
+    of anyone else's stays, and so does the folder then)."""
+    staging = folder / STAGING
+    if staging.is_symlink() or not staging.is_dir():
+        return
+    for f in staging.iterdir():
+        if STAGED.fullmatch(f.name) and f.is_file():
+            f.unlink()
+    if not any(staging.iterdir()):
+        staging.rmdir()
+
+
 def recover_legacy(folder: Path, manifest: Manifest) -> None:
     """Put back a part a writer of the layout before versions left only as `<part>.old`."""
     if manifest.legacy:
@@ -141,8 +166,8 @@ def check_buildable(folder: Path) -> None:
     if not folder.is_dir() or (folder / RECORD).exists():
         return
     for entry in folder.iterdir():
-        own = entry.name in (LOCK, PENDING) or is_temporary_record(entry.name)
-        if not (own or is_version(entry)):
+        ours = entry.name in (LOCK, PENDING) or is_temporary_record(entry.name)
+        if not (ours or is_staging(entry) or is_version(entry)):
             raise DataError(f"{folder} is not empty and not an index folder: choose another")
 
 
@@ -157,6 +182,7 @@ def replaceable(folder: Path) -> Manifest | None:
     check_buildable(folder)
     if not (folder / RECORD).exists():
         sweep_versions(folder, Manifest("", ""))
+        remove_staging(folder)
         return None
     current = Manifest.read(folder)
     recover_legacy(folder, current)

@@ -197,6 +197,29 @@ class VectorIndex:
             for qs, qr in zip(scores.tolist(), rows.tolist(), strict=True)
         ]
 
+    def vectors(self, item_ids: list[str]) -> np.ndarray:
+        """(N, D) float32: the vectors the index holds for these items, in order, as given
+        to `build` or `add` (without the prior's coordinate). Lossy types (PQ, SQ, a PCA)
+        give back their decoded vectors. An IVF index is given a direct map (row -> list) on
+        first use.
+
+        Raises:
+            DataError: an id is not in the index.
+        """
+        rows = [self.row(i) for i in item_ids]
+        if missing := [i for i, r in zip(item_ids, rows, strict=True) if r is None]:
+            raise DataError(f"{len(missing)} id(s) not in the index, e.g. {missing[:3]}")
+        if not rows:
+            return np.zeros((0, self.dim), np.float32)
+        try:
+            ivf = faiss.extract_index_ivf(self.index)
+        except RuntimeError:  # not an IVF type: it reconstructs without help
+            ivf = None
+        if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
+            ivf.make_direct_map()
+        x = self.index.reconstruct_batch(np.array(rows, dtype=np.int64))
+        return np.ascontiguousarray(x[:, : self.dim], dtype=np.float32)
+
     def live_rows(self) -> Iterator[int]:
         """The rows of items not deleted, in order."""
         if self.deleted is None:
