@@ -282,20 +282,8 @@ def index(
             args = (out, images, annotations, split, model, features, progress, run_on)
             report = add_images(*args, fields_file=metadata)
         else:
-            report = index_images(
-                out,
-                images,
-                annotations,
-                split,
-                model,
-                factory,
-                features,
-                progress,
-                run_on,
-                states is not False,
-                metadata,
-                milvus,
-            )
+            args = (out, images, annotations, split, model, factory, features, progress, run_on)
+            report = index_images(*args, states is not False, metadata, milvus)
     if add:
         show.console.print(f"added {report.added} new image(s); {report.total} in {out}")
     else:
