@@ -166,7 +166,7 @@ MILVUS_COMPARISONS = {"eq": "==", "ne": "!=", "gt": ">", "gte": ">=", "lt": "<",
 
 
 def _json_key(name: str) -> str:
-    return f"fields[{_literal(name)}]"
+    return f"fields[{milvus_literal(name)}]"
 
 
 def _condition_expression(key: str, c: Condition) -> str:
@@ -176,14 +176,14 @@ def _condition_expression(key: str, c: Condition) -> str:
     as equalities (Milvus's `in` does not reach into JSON values), and `prefix` as a range of
     text (its `like` has no escape for `%` and `_`)."""
     if c.op == "in":
-        return " or ".join(f"{key} == {_literal(v)}" for v in c.value)
+        return " or ".join(f"{key} == {milvus_literal(v)}" for v in c.value)
     if c.op == "prefix":
         if not c.value:
             return f"exists {key}" if key.startswith("fields[") else f"{key} is not null"
         above = _successor(c.value)
-        upper = f" and {key} < {_literal(above)}" if above is not None else ""
-        return f"{key} >= {_literal(c.value)}{upper}"
-    return f"{key} {MILVUS_COMPARISONS[c.op]} {_literal(c.value)}"
+        upper = f" and {key} < {milvus_literal(above)}" if above is not None else ""
+        return f"{key} >= {milvus_literal(c.value)}{upper}"
+    return f"{key} {MILVUS_COMPARISONS[c.op]} {milvus_literal(c.value)}"
 
 
 def _successor(prefix: str) -> str | None:
@@ -193,6 +193,6 @@ def _successor(prefix: str) -> str | None:
     return prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else None
 
 
-def _literal(value: float | str) -> str:
+def milvus_literal(value: float | str) -> str:
     """A number or a quoted, escaped text, as Milvus expressions read it."""
     return json.dumps(value, ensure_ascii=False)

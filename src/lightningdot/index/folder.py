@@ -376,15 +376,21 @@ class IndexFolder:
             indexes["captions"] = captions
         if rows.captions is not None and (grown := self._grown_captions(captions, *rows.captions)):
             indexes["captions"] = grown
+        roots = self._roots_with(rows)
+        if self.states is not None:
+            indexes["states"] = self._grown_states(rows, new)
+        uploads = {k: v for k, v in rows.uploads.items() if images.row(k) is not None}
+        self._commit(replace(self.manifest, roots=roots), indexes, uploads)
+
+    def _roots_with(self, rows: Rows) -> dict[str, str]:
+        """The recorded roots with the rows' root (refused if its name went meanwhile to
+        another folder)."""
         roots = dict(self.manifest.roots)
         if rows.root is not None:
             name, where = rows.root
             if roots.setdefault(name, where) != where:
                 raise DataError(f"another add took the name {name!r} meanwhile: add again")
-        if self.states is not None:
-            indexes["states"] = self._grown_states(rows, new)
-        uploads = {k: v for k, v in rows.uploads.items() if images.row(k) is not None}
-        self._commit(replace(self.manifest, roots=roots), indexes, uploads)
+        return roots
 
     def delete(self, image_ids: list[str]) -> None:
         """Delete images, and their captions, in one commit (`VectorIndex.without`); an

@@ -62,7 +62,7 @@ from filelock import FileLock
 from lightningdot.config import IndexConfig, from_dict
 from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.index.backend import Hit
-from lightningdot.index.filters import Filter
+from lightningdot.index.filters import Filter, milvus_literal
 from lightningdot.index.folder import IndexFolder, Rows
 from lightningdot.index.metadata import TEXT, field_kinds, item_fields
 from lightningdot.index.record import RECORD, UPLOADS, Manifest
@@ -262,10 +262,6 @@ def slot_values(fields: dict[str, Any], slots: dict[str, str]) -> dict[str, Any]
     return out
 
 
-def _expression_text(value: str) -> str:
-    return json.dumps(value, ensure_ascii=False)
-
-
 @dataclass(frozen=True)
 class MilvusItems:
     """A collection's items at one version (the `Items` of `lightningdot.index.backend`)."""
@@ -301,7 +297,7 @@ class MilvusItems:
         """The visible rows of these items (`fields` of each), a batch of ids at a time."""
         out = []
         for start in range(0, len(item_ids), BATCH):
-            ids = ", ".join(_expression_text(i) for i in item_ids[start : start + BATCH])
+            ids = ", ".join(milvus_literal(i) for i in item_ids[start : start + BATCH])
             expr = f"id in [{ids}] and {self.gate}"
             out += self.client.query(self.collection, filter=expr, output_fields=fields)
         return out
@@ -589,12 +585,9 @@ class MilvusFolder(IndexFolder):
             if mine.any():
                 chosen = [c for c, m in zip(captions, mine, strict=True) if m]
                 inserts["captions"] = (text[mine], chosen, caption_fields(chosen, ids))
-        roots = dict(self.manifest.roots)
-        if rows.root is not None:
-            name, where = rows.root
-            if roots.setdefault(name, where) != where:
-                raise DataError(f"another add took the name {name!r} meanwhile: add again")
-        uploads = {k: v for k, v in rows.uploads.items() if any(it["id"] == k for it in items)}
+        roots = self._roots_with(rows)
+        added = {it["id"] for it in items}
+        uploads = {k: v for k, v in rows.uploads.items() if k in added}
         retire = {"images": gone, "captions": self._caption_ids(gone)}
         manifest = with_fields_of(replace(self.manifest, roots=roots), items)
         self._change(manifest, inserts, retire, uploads)
