@@ -113,7 +113,7 @@ def main() -> None:
 
     rows = [
         ["`ldot index` (first build)", f"{len(names):,}", f"{built:.1f}", "-"],
-        ["`ldot index --sync`", f"{total:,}", f"{synced:.1f}", f"{synced / again:.1%}"],
+        ["`ldot index --sync`", f"{total:,}", f"{synced:.1f}", f"{100 * synced / again:.1f} %"],
         ["`ldot index` of the changed folder", f"{total:,}", f"{again:.1f}", "100 %"],
     ]
     changed = ", ".join(f"{n} {kind}" for kind, n in counts.items())

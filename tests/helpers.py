@@ -148,3 +148,12 @@ def more_photos(root: Path) -> tuple[Path, Path]:
         entries.append({"filename": name, "split": "train", "sentences": sentences})
     (root / "more.json").write_text(json.dumps({"images": entries}))
     return folder, root / "more.json"
+
+
+def noise_photo(path: Path, seed: int) -> None:
+    """A small image of seeded noise at `path`: every seed its own bytes and its own vector."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)

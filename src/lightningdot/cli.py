@@ -49,6 +49,13 @@ Sync = Annotated[
         "--sync",
     ),
 ]
+Watch = Annotated[
+    Path | None,
+    opt(
+        "Keep the index in line with this folder of its images while serving: a sync now, "
+        "then after each burst of changes there (needs the watchdog package)."
+    ),
+]
 Runtime = Annotated[
     str,
     opt(
@@ -488,6 +495,7 @@ def serve(
             "--host but loopback. LDOT_API_KEY keeps it out of the process list.",
         ),
     ] = None,
+    watch: Watch = None,
 ) -> None:
     """Serve an index over HTTP: a JSON API and a search page at http://HOST:PORT/."""
     try:
@@ -513,6 +521,7 @@ def serve(
             show.console.print,
             api_key=api_key,
             runtime=runtime,
+            watch=watch,
         )
 
 

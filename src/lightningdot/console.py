@@ -104,12 +104,7 @@ def print_built(built, factory: str, out: Path) -> None:
 def print_synced(report, out: Path) -> None:
     """What a sync changed, as one line a script can read, then what it wrote without
     encoding."""
-    console.print(
-        f"+{report.added} added, {report.changed} changed, {report.removed} removed, "
-        f"{report.moved} moved, {len(report.failed)} unreadable; {report.total} in "
-        f"{escape(str(out))}",
-        highlight=False,
-    )
+    console.print(f"{report.line}; {report.total} in {escape(str(out))}", highlight=False)
     if report.touched:
         console.print(f"{report.touched} touched (same content: fields updated, not encoded)")
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 import lightningdot.index.sync as sync_module
@@ -22,13 +21,7 @@ from lightningdot.index.folder import IndexFolder
 from lightningdot.index.record import Manifest
 from lightningdot.index.storage import STAGING, check_buildable, remove_staging
 from lightningdot.index.sync import sync_images
-
-
-def photo(path: Path, seed: int) -> None:
-    """A small image of seeded noise: every seed its own bytes and its own vector."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path)
+from tests.helpers import noise_photo as photo
 
 
 @pytest.fixture

@@ -79,6 +79,15 @@ class SyncReport:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, why) not decoded
     skipped_fields: list[tuple[str, str]] = field(default_factory=list)  # (row, why)
 
+    @property
+    def line(self) -> str:
+        """The summary `ldot index --sync` prints: "+12 added, 3 changed, 40 removed, 7 moved,
+        1 unreadable"."""
+        return (
+            f"+{self.added} added, {self.changed} changed, {self.removed} removed, "
+            f"{self.moved} moved, {len(self.failed)} unreadable"
+        )
+
 
 @dataclass
 class Entry:

@@ -16,6 +16,7 @@ from lightningdot.errors import DataError
 from lightningdot.retrieval import Retriever, slow_rerank_warning
 from lightningdot.serve.app import create_app
 from lightningdot.serve.security import write_policy
+from lightningdot.serve.watch import FolderWatch, observer_class
 
 
 def serve_index(
@@ -30,13 +31,18 @@ def serve_index(
     log: Callable[[str], None] = print,
     api_key: str | None = None,
     runtime: str = "auto",
+    watch: Path | None = None,
 ) -> None:
     """Serve `index_dir` at http://host:port/ (see `lightningdot.retrieval.open_reranker` for
     `reranker`); `threads`: the model's arithmetic threads (0: torch's default); `api_key`:
     what the routes that change the index require (see `write_policy`); `runtime`: what runs
-    the encoders (`lightningdot.runtime`)."""
+    the encoders (`lightningdot.runtime`); `watch`: a folder of the index's to keep it in line
+    with (synced once before serving, then after each burst of changes:
+    `lightningdot.serve.watch`)."""
     writes = write_policy(host, api_key)
     check_can_listen(host, port)  # before the model loads, and in our words, not uvicorn's
+    if watch is not None:
+        observer_class()  # watchdog is there, before the model loads
     if threads:
         torch.set_num_threads(threads)
     run_on = RuntimeConfig(runtime, threads)
@@ -51,6 +57,10 @@ def serve_index(
         + ("" if retriever.reranker else " (no re-ranker)")
     )
     log(writes.message)
+    if watch is not None:
+        watcher = FolderWatch(retriever.index, retriever.model, watch, log)
+        log(f"synced {watch}: {watcher.sync().line}; watching it for changes")
+        watcher.start()
     app = create_app(retriever, cfg, writes)
     # The loaded model, tokenizer and index are some 400,000 Python objects: a full collection
     # walks them all (about 240 ms here), stalling every query in flight. They live as long as
