@@ -270,3 +270,60 @@ def test_why_toggle_tints_matching_regions_and_marks_strongest_words(
     page.wait_for_function(ALL_THUMBNAILS_DRAWN, timeout=15_000)
     assert page.locator("#results canvas.heat").count() == 0
     assert not errors, errors
+
+
+def shown_ids(page) -> list[str]:
+    return [f.get_attribute("title") for f in page.locator("#results figure").all()]
+
+
+def test_pager_and_filter_show_the_pages_the_server_gives(live_server, browser):
+    page = browser.new_page(viewport={"width": 1100, "height": 800})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(live_server)
+    page.wait_for_function("() => document.getElementById('info').textContent.includes('8 images')")
+    page.select_option("#k", "5")
+    page.fill("#q", "a red picture")
+    page.press("#q", "Enter")
+    page.wait_for_function(ALL_THUMBNAILS_DRAWN, timeout=15_000)
+
+    def server_ids(**extra) -> list[str]:
+        params = urllib.parse.urlencode({"q": "a red picture", "k": 5, **extra})
+        return [h["id"] for h in get_json(f"{live_server}/search?{params}")["results"]]
+
+    # Page one of the tiny index's 8 images, then page two: the last 3, as the server pages them.
+    first = shown_ids(page)
+    assert first == server_ids() and len(first) == 5
+    assert page.is_visible("#pager") and page.is_disabled("#previous")
+    assert page.inner_text("#page-info") == "results 1–5"
+    with page.expect_response(lambda r: "offset=5" in r.url):
+        page.click("#next")
+    page.wait_for_function("() => document.querySelectorAll('#results figure').length === 3")
+    assert shown_ids(page) == server_ids(offset=5)
+    assert not set(shown_ids(page)) & set(first)
+    assert page.inner_text("#page-info") == "results 6–8"
+    assert page.is_disabled("#next") and not page.is_disabled("#previous")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "second-page.png"), full_page=True)
+    with page.expect_response(lambda r: "/search?" in r.url and "offset" not in r.url):
+        page.click("#previous")
+    page.wait_for_function("() => document.querySelectorAll('#results figure').length === 5")
+    assert shown_ids(page) == first
+
+    # A filter narrows the results to the images it passes; one page, so no pager.
+    spec = json.dumps({"path": {"in": ["img01.png", "img04.png", "img06.png"]}})
+    page.fill("#filter", spec)
+    with page.expect_response(lambda r: "filter=" in r.url):
+        page.press("#filter", "Enter")
+    page.wait_for_function("() => document.querySelectorAll('#results figure').length === 3")
+    assert shown_ids(page) == server_ids(filter=spec)
+    assert sorted(shown_ids(page)) == ["img01.png", "img04.png", "img06.png"]
+    assert page.is_hidden("#pager")
+
+    # A filter the server refuses is said, and the results stay.
+    page.fill("#filter", '{"nowhere": {"eq": 1}}')
+    page.press("#filter", "Enter")
+    page.wait_for_function("() => document.getElementById('status').className === 'error'")
+    assert "nowhere" in page.inner_text("#status")
+    assert len(shown_ids(page)) == 3
+    assert not errors, errors
