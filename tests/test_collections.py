@@ -108,6 +108,32 @@ def test_deleted_images_and_their_captions_are_gone_for_good(opened, corpus_dir)
     assert r.image_index.get("img03.png") is not None  # all or none
 
 
+def answers(r: Retriever, corpus_dir) -> list:
+    texts = r.search_text(["a green picture", "something red"], k=20)
+    (images,) = r.search_image([corpus_dir / "images" / "img02.png"], k=30)
+    return [[(x.id, round(x.score, 5)) for x in a.results] for a in [*texts, images]]
+
+
+def test_a_compaction_drops_deleted_rows_and_changes_no_answer(opened, corpus_dir):
+    r, corpus, *_ = opened
+    r.delete(["img01.png", "img05.png"])
+    before = answers(r, corpus_dir)
+    assert r.index.compact() == 6  # 2 images and their 2 captions each
+    assert r.index.compact() == 0
+    for index in (r, Retriever.open(r.folder)):
+        assert answers(index, corpus_dir) == before
+        assert index.image_index.count == len(corpus.images) - 2
+    if r.index.manifest.backend is None:  # FAISS: the rows are gone from the files
+        assert len(r.image_index) == r.image_index.count and r.image_index.deleted is None
+        assert len(r.index.states) == r.image_index.count
+    else:  # Milvus: no retired row is left to purge
+        name = r.index.manifest.backend["collections"]["images"]
+        rows = r.index.client.query(name, filter="gone != 0", output_fields=["count(*)"])
+        assert rows[0]["count(*)"] == 0
+    r.delete(["img02.png"])  # and it goes on changing
+    assert r.image_index.count == len(corpus.images) - 3
+
+
 def png(colour: str) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), colour).save(buf, "PNG")

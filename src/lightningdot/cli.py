@@ -412,6 +412,22 @@ def delete(
     )
 
 
+@app.command()
+def compact(index_dir: IndexDir) -> None:
+    """Drop what deletes left behind in a FAISS index folder, in one commit: a delete only
+    marks its rows, which searches then step over and the files keep. Searches go on
+    meanwhile. A Milvus collection needs none: its deleted rows are purged after each change."""
+    from lightningdot.index.engines import load_index
+
+    with user_errors():
+        index = load_index(index_dir)
+        dropped = index.compact()
+    show.console.print(
+        f"dropped {dropped if dropped >= 0 else 'the'} deleted row(s); {index.image_index.count} image(s) in {index_dir}",
+        highlight=False,
+    )
+
+
 def write_explanations(retriever, answers, out: Path) -> int:
     """Each answer's heat maps (image results) or token weights (caption results) into `out`,
     named by query number and rank; returns how many files."""

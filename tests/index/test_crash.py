@@ -61,6 +61,15 @@ def test_a_delete_is_all_or_nothing(index, tmp_path, fault):
 
 
 @pytest.mark.parametrize("fault", ["kill", "enospc"])
+def test_a_compaction_is_all_or_nothing(index, tmp_path, fault):
+    """Of images, captions and region states, after a delete."""
+    from lightningdot.index.folder import IndexFolder
+
+    IndexFolder.load(index).delete(["img01.png", "img02.png"])
+    check(crash_every_step(tmp_path, "compact", index, fault))
+
+
+@pytest.mark.parametrize("fault", ["kill", "enospc"])
 def test_an_update_of_fields_is_all_or_nothing(index, tmp_path, fault):
     fields = {"stock": 3, "label": "sale"}
     check(crash_every_step(tmp_path, "update", index, fault, image_id="img01.png", fields=fields))

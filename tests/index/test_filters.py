@@ -180,6 +180,30 @@ def test_filtered_search_with_deletes_matches_brute_force(tmp_path, cfg):
             assert np.allclose(scores, ref_scores, atol=1e-5)
 
 
+@pytest.mark.parametrize("cfg", EXACT, ids=lambda c: c.factory)
+def test_a_compacted_index_is_the_live_rows_alone(tmp_path, cfg):
+    items = random_items(500, 4)
+    x, q = unit(500, 16, 0), unit(6, 16, 1)
+    index = VectorIndex.build(x, items, "m", cfg)
+    assert index.compacted() is index  # nothing deleted: nothing to do
+    gone = index.without([f"i{i}" for i in range(0, 500, 3)])
+    small = gone.compacted()
+    alive = np.ones(500, bool)
+    alive[::3] = False
+    assert gone.deleted is not None and len(gone) == 500  # unchanged
+    assert small.deleted is None and len(small) == small.count == alive.sum()
+    assert small.items == [it for it, a in zip(items, alive, strict=True) if a]
+    kept = [it["id"] for it in small.items]
+    assert np.array_equal(small.vectors(kept), x[alive])
+    small.save(tmp_path / "ix")
+    for ix in (small, VectorIndex.load(tmp_path / "ix")):
+        scores, rows = ix.search(q, 10)
+        ref_scores, ref_rows = brute_force(x[alive], q, np.ones(alive.sum(), bool), 10)
+        assert np.array_equal(rows, ref_rows) and np.allclose(scores, ref_scores, atol=1e-5)
+    emptied = index.without([it["id"] for it in items]).compacted()
+    assert len(emptied) == 0 and (emptied.search(q, 5)[1] < 0).all()
+
+
 def test_a_filter_passing_fewer_than_k_returns_only_those():
     items = random_items(50, 2)
     index = VectorIndex.build(unit(50, 8, 0), items, "m")

@@ -107,6 +107,32 @@ def test_gather_pads_chunks_of_different_widths():
         states.gather([3])
 
 
+def test_kept_states_drop_rows_and_keep_whole_chunks_as_committed(tmp_path):
+    rng = np.random.default_rng(0)
+    first = StateRows(rng.normal(size=(3, 4, 2)).astype(np.float16), np.array([4, 2, 3], np.int32))
+    second = StateRows(rng.normal(size=(2, 5, 2)).astype(np.float16), np.array([5, 1], np.int32))
+    third = StateRows(rng.normal(size=(2, 3, 2)).astype(np.float16), np.array([3, 3], np.int32))
+    states = RegionStates.build(first).grown(second).grown(third)
+    (tmp_path / "v1").mkdir()
+    states.write(tmp_path / "v1")
+    states = RegionStates.load(tmp_path / "v1")
+    keep = np.array([True, False, True, False, False, True, True])
+    kept = states.kept(keep)
+    assert len(kept) == 4 and len(kept.chunks) == 2
+    assert kept.chunks[1].source == tmp_path / "v1"  # the third chunk, whole: linked again
+    for got, row in enumerate(np.flatnonzero(keep).tolist()):
+        (got_states, got_mask), (want_states, want_mask) = kept.gather([got]), states.gather([row])
+        assert torch.equal(got_states, want_states) and torch.equal(got_mask, want_mask)
+    (tmp_path / "v2").mkdir()
+    kept.write(tmp_path / "v2")
+    assert (tmp_path / "v2" / "chunk-1.npy").stat().st_ino == (
+        tmp_path / "v1" / "chunk-2.npy"
+    ).stat().st_ino
+    assert len(RegionStates.load(tmp_path / "v2")) == 4
+    with pytest.raises(ValueError, match="flags"):
+        states.kept(keep[:3])
+
+
 def test_a_change_puts_its_parts_live_in_one_step(corpus_dir, model_dir, tmp_path):
     """A search holds the parts it read; an add meanwhile leaves them as they were."""
     build(corpus_dir, model_dir, tmp_path / "ix", n=4)

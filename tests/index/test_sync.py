@@ -142,6 +142,33 @@ def test_a_sync_adds_changes_removes_and_moves(photos, model_dir, tmp_path, enco
     assert sorted(encodes) == ["broken.png", "broken.png", "n2.png", "new/n1.png", "p1.png"]
 
 
+def test_a_sync_on_milvus_is_a_fresh_build(photos, model_dir, tmp_path, encodes):
+    """The same changes on a folder whose vectors are in milvus-lite, against a FAISS build."""
+    from lightningdot.index.engines import load_index
+    from lightningdot.index.milvus import MilvusTarget
+
+    out = tmp_path / "ix"
+    build(out, photos, model_dir, states=False, milvus=MilvusTarget(str(tmp_path / "m.db")))
+    moved_before = load_index(out).image_index.vectors(["p3.png"])
+    photo(photos / "n1.png", 100)  # added
+    photo(photos / "p1.png", 200)  # changed content
+    bump(photos / "p1.png")
+    (photos / "p2.png").unlink()  # removed
+    (photos / "p3.png").rename(photos / "p3-renamed.png")  # moved
+
+    report = sync_images(out, photos)
+    assert (report.added, report.changed, report.removed, report.moved) == (1, 1, 1, 1)
+    assert sorted(encodes) == ["n1.png", "p1.png"]
+    fresh = tmp_path / "fresh"
+    build(fresh, photos, model_dir, states=False)
+    got, want = load_index(out).image_index, IndexFolder.load(fresh).image_index
+    ids = sorted(it["id"] for it in want.iterate())
+    assert sorted(it["id"] for it in got.iterate()) == ids
+    assert [got.get(i) for i in ids] == [want.get(i) for i in ids]
+    np.testing.assert_allclose(got.vectors(ids), want.vectors(ids), atol=1e-5)
+    assert np.array_equal(got.vectors(["p3-renamed.png"]), moved_before)
+
+
 def test_only_deletes_and_copies_and_swaps_encode_nothing(photos, model_dir, tmp_path, encodes):
     out = tmp_path / "ix"
     build(out, photos, model_dir)

@@ -98,5 +98,11 @@ class Collection(Protocol):
     def delete(self, image_ids: list[str]) -> None:
         """Delete images and their captions in one commit."""
 
+    def change(self, rows, gone: list[str]) -> None:
+        """Delete images and add others in one commit (a sync's changes)."""
+
     def update_fields(self, image_id: str, fields: dict) -> dict:
         """Set or remove an image's fields in one commit; returns them as committed."""
+
+    def compact(self) -> int:
+        """Drop now what deletes left behind, in one commit; returns the rows dropped."""

@@ -357,7 +357,7 @@ class IndexFolder:
             self.delete(gone)
             return
         with self.writing():
-            if missing := [i for i in gone if self.image_index.row(i) is None]:
+            if missing := [i for i in gone if self.image_index.get(i) is None]:
                 raise DataError(f"{len(missing)} id(s) not in the index, e.g. {missing[:3]}")
             self._commit_rows(rows, [True] * len(ids), gone)
 
@@ -412,6 +412,25 @@ class IndexFolder:
         if captions:
             indexes["captions"] = self.caption_index.without(captions)
         self._commit(self.manifest, indexes, {})
+
+    def compact(self) -> int:
+        """Drop the rows of deleted images and captions (their tombstones), and those images'
+        region states, in one commit; returns the rows dropped (none: no commit). Searches stop
+        stepping over them and the files shrink. It costs a copy of the kept vectors, and an
+        HNSW index builds its graph again; searches running meanwhile see the old version."""
+        with self.writing():
+            images, captions = self.image_index, self.caption_index
+            indexes = {"images": images.compacted()}
+            if captions is not None and captions.deleted is not None:
+                indexes["captions"] = captions.compacted()
+            if self.states is not None and images.deleted is not None:
+                indexes["states"] = self.states.kept(~images.deleted)
+            dropped = sum(
+                len(index) - index.count for index in (images, captions) if index is not None
+            )
+            if dropped:
+                self._commit(self.manifest, indexes, {})
+        return dropped
 
     def update_fields(self, image_id: str, fields: dict) -> dict:
         """Update an image's fields in one commit (`VectorIndex.with_fields`); returns its

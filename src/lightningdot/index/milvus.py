@@ -545,9 +545,12 @@ class MilvusFolder(IndexFolder):
         return None
 
     def _catch_up(self) -> None:
-        """Take the record's current version, and undo what a killed writer left."""
-        self.manifest = Manifest.read(self.folder)
-        self._stamp, self._live = _record_stamp(self.folder), self._view(self.manifest)
+        """Take the record's current version (the same view when it is the one held, as a
+        sync checks), and undo what a killed writer left."""
+        stamp = _record_stamp(self.folder)
+        if stamp is None or stamp != self._stamp:
+            self.manifest = Manifest.read(self.folder)
+            self._stamp, self._live = stamp, self._view(self.manifest)
         self._recover()
 
     def _collections(self) -> dict[str, str]:
@@ -606,6 +609,17 @@ class MilvusFolder(IndexFolder):
             raise DataError(f"{len(missing)} id(s) not in the index, e.g. {missing[:3]}")
         retire = {"images": image_ids, "captions": self._caption_ids(image_ids)}
         self._change(self.manifest, {}, retire, {})
+
+    def compact(self) -> int:
+        """Purge now the rows the last change retired, which the next change would purge
+        (Milvus compacts its segments itself); returns how many rows it purges, or -1 for
+        those of a change too large to list (purged by a scan). None: no commit."""
+        with self.writing():
+            retired = self.manifest.backend.get("retired") or {}
+            count = -1 if retired == "scan" else sum(map(len, retired.values()))
+            if count:
+                self._change(self.manifest, {}, {}, {})
+        return count
 
     def _update(self, image_id: str, fields: dict) -> None:
         """Insert the image's row, and its captions', with its new fields; retire the old."""

@@ -76,6 +76,21 @@ class RegionStates:
         """These states and `rows` after them, as a new part (this one is unchanged)."""
         return RegionStates([*self.chunks, Chunk(rows)])
 
+    def kept(self, keep: np.ndarray) -> RegionStates:
+        """Only the rows where `keep` (rows,) is True, as a new part (this one is unchanged): a
+        chunk that keeps every row stays as committed (its files linked again), one that keeps
+        none goes, the others are copied without the rows dropped."""
+        if len(keep) != len(self):
+            raise ValueError(f"{len(keep)} flags for {len(self)} image rows")
+        chunks = []
+        for c, chunk in enumerate(self.chunks):
+            mine = keep[self._starts[c] : self._starts[c + 1]]
+            if mine.all():
+                chunks.append(chunk)
+            elif mine.any():
+                chunks.append(Chunk(chunk.rows.select(mine)))
+        return RegionStates(chunks)
+
     def committed(self, folder: Path) -> RegionStates:
         """These states, as `write` left them in `folder` (no file is read): the next add
         links their files from there."""

@@ -39,6 +39,7 @@ from lightningdot.model.prior import QueryBank, gallery_side, hub_prior
 
 FORMAT = 1
 TOMBSTONE_FORMAT = 2  # written with tombstones, so that releases that ignore them refuse it
+COMPACT_BATCH = 65_536  # rows copied at a time by `compacted`
 
 
 def _as_matrix(vectors: Any, dim: int | None = None) -> np.ndarray:
@@ -211,14 +212,17 @@ class VectorIndex:
             raise DataError(f"{len(missing)} id(s) not in the index, e.g. {missing[:3]}")
         if not rows:
             return np.zeros((0, self.dim), np.float32)
+        return np.ascontiguousarray(self._stored(rows)[:, : self.dim], dtype=np.float32)
+
+    def _stored(self, rows: list[int] | np.ndarray) -> np.ndarray:
+        """(N, d) the rows as the FAISS index holds them, the prior's coordinate included."""
         try:
             ivf = faiss.extract_index_ivf(self.index)
         except RuntimeError:  # not an IVF type: it reconstructs without help
             ivf = None
         if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
             ivf.make_direct_map()
-        x = self.index.reconstruct_batch(np.array(rows, dtype=np.int64))
-        return np.ascontiguousarray(x[:, : self.dim], dtype=np.float32)
+        return self.index.reconstruct_batch(np.asarray(rows, dtype=np.int64))
 
     def live_rows(self) -> Iterator[int]:
         """The rows of items not deleted, in order."""
@@ -245,6 +249,22 @@ class VectorIndex:
         out._columns = self._columns  # the same items: their columns hold
         out._rows = self._rows  # shared, never changed: `row` skips the rows deleted since
         return out
+
+    def compacted(self) -> VectorIndex:
+        """A copy without the deleted rows (this one is unchanged, and so is one without
+        deletes): the live rows' stored vectors, priors included, added in order to an empty
+        index of the same type and training, so an IVF index keeps its centroids and each
+        vector its list. Flat, IVF-Flat and HNSW-Flat give back the same vectors; a lossy
+        type re-encodes its decoded ones."""
+        if self.deleted is None:
+            return self
+        kept = np.flatnonzero(~self.deleted)
+        index = faiss.clone_index(self.index)
+        index.reset()
+        for start in range(0, len(kept), COMPACT_BATCH):  # a bounded copy in memory at a time
+            index.add(self._stored(kept[start : start + COMPACT_BATCH]))
+        items = [self.items[r] for r in kept.tolist()]
+        return VectorIndex(index, items, self.model_id, self.cfg, self.prior)
 
     def with_fields(self, item_id: str, fields: dict[str, Any]) -> VectorIndex:
         """A copy in which item `item_id`'s fields ("meta") are updated by `fields` (a None
