@@ -169,6 +169,8 @@ def test_the_cli_filters_pages_and_deletes(opened):
     assert gone.exit_code == 0 and "deleted 2 image(s); 10 left" in gone.output
     again = runner.invoke(app, ["delete", folder, "img01.png"])
     assert again.exit_code == 2 and "not in the index" in again.output
+    compacted = runner.invoke(app, ["compact", folder])
+    assert compacted.exit_code == 0 and "dropped 6 deleted row(s); 10 image(s)" in compacted.output
     assert Retriever.open(folder).image_index.count == 10
 
 

@@ -422,10 +422,11 @@ def compact(index_dir: IndexDir) -> None:
     with user_errors():
         index = load_index(index_dir)
         dropped = index.compact()
-    show.console.print(
-        f"dropped {dropped if dropped >= 0 else 'the'} deleted row(s); {index.image_index.count} image(s) in {index_dir}",
-        highlight=False,
-    )
+    rows = (
+        "the deleted rows" if dropped < 0 else f"{dropped} deleted row(s)"
+    )  # < 0: too many to list
+    count = index.image_index.count
+    show.console.print(f"dropped {rows}; {count} image(s) in {index_dir}", highlight=False)
 
 
 def write_explanations(retriever, answers, out: Path) -> int:
