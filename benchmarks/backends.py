@@ -11,6 +11,10 @@ for the top 10, one at a time; p50/p99 over the queries. Recall@10 is against ex
 `MilvusFolder.delete` (Milvus) of one image, its commit done, the median of several.
 
     python benchmarks/backends.py [--sizes 100000 1000000] [--queries 100]
+        [--milvus Flat IVF] [--section backends]
+
+`--milvus IVF` builds only the IVF index on Milvus (a milvus-lite build of 1M rows takes most
+of an hour here); FAISS builds both, the exact one being the reference for recall.
 """
 
 from __future__ import annotations
@@ -116,6 +120,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--deletes", type=int, default=10)
+    ap.add_argument("--milvus", nargs="+", choices=["Flat", "IVF"], default=["Flat", "IVF"])
+    ap.add_argument("--section", default="backends", help="BENCHMARKS.md section to write")
     args = ap.parse_args()
     torch.set_num_threads(2)
     model = accelerate(load_model("default"), AUTO_RUNTIME)
@@ -130,7 +136,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir=ROOT / ".cache") as tmp:
             exact = None
             for cfg in factories(n):
-                for backend in ("faiss", "milvus"):
+                kind = "Flat" if cfg.factory == "Flat" else "IVF"
+                for backend in ("faiss", "milvus") if kind in args.milvus else ("faiss",):
                     folder = Path(tmp) / f"{backend}{len(built)}"
                     seconds = build(backend, folder, x, items, cfg, priors)
                     opened = load_index(folder)
@@ -143,9 +150,11 @@ def main() -> None:
                     built.append([*label, f"{seconds:.1f}", f"{ms:.1f}", f"{1e3 / ms:.0f}"])
                     print(built[-1], flush=True)
         del x
+    sizes = " and ".join(f"{n:,}" for n in args.sizes)
+    skipped = [k for k in ("Flat", "IVF") if k not in args.milvus]
     body = "\n".join(
         [
-            "## FAISS and Milvus-lite side by side (text->image)",
+            f"## FAISS and Milvus-lite side by side at {sizes} vectors (text->image)",
             "",
             f"Machine: {machine()}; commit {commit()}. Gallery and filters as in "
             "`filtered_search.py`; both backends built from the same vectors (the shipped "
@@ -153,7 +162,9 @@ def main() -> None:
             f"{args.queries} val captions, one at a time, each timed from its text (encode + "
             "filter + search). Recall@10 against exact search (FAISS Flat) over the items the "
             "filter passes. Milvus is milvus-lite, embedded, in the same process. Reproduce: "
-            "`python benchmarks/backends.py`.",
+            f"`python benchmarks/backends.py --sizes {' '.join(map(str, args.sizes))} "
+            f"--queries {args.queries} --milvus {' '.join(args.milvus)}`."
+            + (f" Milvus {' and '.join(skipped)} not built (`--milvus`)." if skipped else ""),
             "",
             table(
                 ["vectors", "backend", "index", "filter passes", "p50 ms", "p99 ms", "recall@10"],
@@ -166,7 +177,7 @@ def main() -> None:
             table(["vectors", "backend", "index", "build s", "delete ms", "deletes/s"], built),
         ]
     )
-    write_section("backends", body)
+    write_section(args.section, body)
     print(body)
 
 
