@@ -89,8 +89,11 @@ def query_vector(model, text):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_search_is_brute_force_with_filters_deletes_upserts_and_a_reopen(
-    backend, model, corpus_dir, store_dir, tmp_path
+    backend, model, corpus_dir, store_dir, tmp_path, monkeypatch
 ):
+    import lightningdot.index.milvus as milvus
+
+    monkeypatch.setattr(milvus, "BATCH", 5)  # rows inserted and read a few at a time
     index = build(model, corpus_dir, store_dir, tmp_path / "ix", backend)
     keys = sorted(p.name for p in (corpus_dir / "images").iterdir())
     exact = BruteForce(model, store_dir, keys)

@@ -387,6 +387,18 @@ def collection_rows(
     ]
 
 
+def insert_rows(client: Any, name: str, vectors: np.ndarray, items, fields, batch, prior, slots):
+    """Insert the rows of items (`collection_rows`) into collection `name`, made a batch at a
+    time: a row holds its vector as Python floats, about 12 KB at 384 dimensions, so a
+    million rows made at once would not fit in memory."""
+    for start in range(0, len(items), BATCH):
+        end = start + BATCH
+        rows = collection_rows(
+            vectors[start:end], items[start:end], fields[start:end], batch, prior, slots
+        )
+        client.insert(name, rows)
+
+
 def caption_fields(captions: list[dict], images: dict[str, dict]) -> list[dict]:
     """A caption's filter fields: its image's (`images`: id -> item)."""
     return [item_fields(images[c["image"]]) if c["image"] in images else {} for c in captions]
@@ -686,9 +698,7 @@ class MilvusFolder(IndexFolder):
                     self.client, names[part], dim, cfg, manifest.model_id, self.folder
                 )
             slots = manifest.backend["slots"]
-            rows = collection_rows(vectors, items, fields, version, prior, slots)
-            for start in range(0, len(rows), BATCH):
-                self.client.insert(names[part], rows[start : start + BATCH])
+            insert_rows(self.client, names[part], vectors, items, fields, version, prior, slots)
         return replace(manifest, backend={**manifest.backend, "collections": names})
 
     def _retire(self, part: str, ids: list[str], version: int) -> list[str]:
@@ -773,9 +783,7 @@ def _filled(client, folder, names, manifest, images, captions, priors) -> dict[s
                 else caption_fields(items, {it["id"]: it for it in images[1]})
             )
             slots = manifest.backend["slots"]
-            table = collection_rows(vectors, items, fields, version, prior, slots)
-            for start in range(0, len(table), BATCH):
-                client.insert(name, table[start : start + BATCH])
+            insert_rows(client, name, vectors, items, fields, version, prior, slots)
             client.flush(name)
     except BaseException:
         for name in made.values():
