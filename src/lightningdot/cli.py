@@ -422,9 +422,8 @@ def compact(index_dir: IndexDir) -> None:
     with user_errors():
         index = load_index(index_dir)
         dropped = index.compact()
-    rows = (
-        "the deleted rows" if dropped < 0 else f"{dropped} deleted row(s)"
-    )  # < 0: too many to list
+    # Below 0: a Milvus change too large for its record to list what it retired.
+    rows = "the deleted rows" if dropped < 0 else f"{dropped} deleted row(s)"
     count = index.image_index.count
     show.console.print(f"dropped {rows}; {count} image(s) in {index_dir}", highlight=False)
 

@@ -88,6 +88,16 @@ def browser():
         b.close()
 
 
+def loaded_page(browser, url: str, height: int = 800):
+    """The page at `url` once it shows the tiny index, and the list its script errors go to."""
+    page = browser.new_page(viewport={"width": 1100, "height": height})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.wait_for_function("() => document.getElementById('info').textContent.includes('8 images')")
+    return page, errors
+
+
 ALL_THUMBNAILS_DRAWN = """() => {
     const imgs = [...document.querySelectorAll('#results img')];
     return imgs.length > 0 && imgs.every((i) => i.complete && i.naturalWidth > 0);
@@ -95,11 +105,7 @@ ALL_THUMBNAILS_DRAWN = """() => {
 
 
 def test_search_page_shows_thumbnails_scores_and_timings(live_server, browser, corpus_dir):
-    page = browser.new_page(viewport={"width": 1100, "height": 800})
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(live_server)
-    page.wait_for_function("() => document.getElementById('info').textContent.includes('8 images')")
+    page, errors = loaded_page(browser, live_server)
     page.fill("#q", "a red picture")
     page.press("#q", "Enter")
     page.wait_for_function(ALL_THUMBNAILS_DRAWN, timeout=15_000)
@@ -174,11 +180,7 @@ def get_json(url: str) -> dict:
 def test_why_toggle_tints_matching_regions_and_marks_strongest_words(
     explain_server, browser, corpus_dir
 ):
-    page = browser.new_page(viewport={"width": 1100, "height": 900})
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(explain_server)
-    page.wait_for_function("() => document.getElementById('info').textContent.includes('8 images')")
+    page, errors = loaded_page(browser, explain_server, 900)
 
     # A query made with the toggle off has no overlays; turning it on asks again, explained.
     page.fill("#q", "a red picture")
@@ -277,11 +279,7 @@ def shown_ids(page) -> list[str]:
 
 
 def test_pager_and_filter_show_the_pages_the_server_gives(live_server, browser):
-    page = browser.new_page(viewport={"width": 1100, "height": 800})
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(live_server)
-    page.wait_for_function("() => document.getElementById('info').textContent.includes('8 images')")
+    page, errors = loaded_page(browser, live_server)
     page.select_option("#k", "5")
     page.fill("#q", "a red picture")
     page.press("#q", "Enter")
