@@ -11,15 +11,18 @@ for the top 10, one at a time; p50/p99 over the queries. Recall@10 is against ex
 `MilvusFolder.delete` (Milvus) of one image, its commit done, the median of several.
 
     python benchmarks/backends.py [--sizes 100000 1000000] [--queries 100]
-        [--milvus Flat IVF] [--section backends]
+        [--milvus Flat IVF] [--nprobe 64] [--section backends]
 
 `--milvus IVF` builds only the IVF index on Milvus (a milvus-lite build of 1M rows takes most
-of an hour here); FAISS builds both, the exact one being the reference for recall.
+of an hour here), `--milvus` alone none; FAISS builds both, the exact one being the reference
+for recall. `--nprobe 16 32 64` searches the one FAISS IVF index at each of these settings
+(nprobe is read at search time, so the index is built once); Milvus IVF uses the first.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -95,6 +98,18 @@ def search_rows(model, view, exact, queries, label) -> list[list[str]]:
     return rows
 
 
+def nprobe_rows(model, view, exact, queries, label, nprobes: list[int]) -> list[list[str]]:
+    """`search_rows` of one FAISS IVF index at each nprobe (a search-time setting)."""
+    rows, cfg = [], view.images.cfg
+    for nprobe in nprobes:
+        view.images.tune(dataclasses.replace(cfg, nprobe=nprobe))
+        rows += search_rows(
+            model, view, exact, queries, [*label[:2], f"{label[2]} nprobe {nprobe}"]
+        )
+    view.images.tune(cfg)
+    return rows
+
+
 def delete_ms(folder: IndexFolder, deletes: int) -> float:
     times = []
     for i in range(deletes):
@@ -120,7 +135,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--deletes", type=int, default=10)
-    ap.add_argument("--milvus", nargs="+", choices=["Flat", "IVF"], default=["Flat", "IVF"])
+    ap.add_argument("--milvus", nargs="*", choices=["Flat", "IVF"], default=["Flat", "IVF"])
+    ap.add_argument("--nprobe", type=int, nargs="+", default=[64], help="IVF lists visited")
     ap.add_argument("--section", default="backends", help="BENCHMARKS.md section to write")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -137,6 +153,8 @@ def main() -> None:
             exact = None
             for cfg in factories(n):
                 kind = "Flat" if cfg.factory == "Flat" else "IVF"
+                if kind == "IVF":  # Milvus builds its search parameters in
+                    cfg = dataclasses.replace(cfg, nprobe=args.nprobe[0])
                 for backend in ("faiss", "milvus") if kind in args.milvus else ("faiss",):
                     folder = Path(tmp) / f"{backend}{len(built)}"
                     seconds = build(backend, folder, x, items, cfg, priors)
@@ -145,7 +163,10 @@ def main() -> None:
                     exact = exact or view
                     label = [f"{n:,}", backend, cfg.factory]
                     search(model, view, queries[0], FILTERS["10 %"])  # columns, caches: once
-                    found += search_rows(model, view, exact, queries, label)
+                    if (backend, kind) == ("faiss", "IVF"):
+                        found += nprobe_rows(model, view, exact, queries, label, args.nprobe)
+                    else:
+                        found += search_rows(model, view, exact, queries, label)
                     ms = delete_ms(opened, args.deletes)
                     built.append([*label, f"{seconds:.1f}", f"{ms:.1f}", f"{1e3 / ms:.0f}"])
                     print(built[-1], flush=True)
@@ -163,7 +184,8 @@ def main() -> None:
             "filter + search). Recall@10 against exact search (FAISS Flat) over the items the "
             "filter passes. Milvus is milvus-lite, embedded, in the same process. Reproduce: "
             f"`python benchmarks/backends.py --sizes {' '.join(map(str, args.sizes))} "
-            f"--queries {args.queries} --milvus {' '.join(args.milvus)}`."
+            f"--queries {args.queries} {' '.join(['--milvus', *args.milvus])} "
+            f"--nprobe {' '.join(map(str, args.nprobe))}`."
             + (f" Milvus {' and '.join(skipped)} not built (`--milvus`)." if skipped else ""),
             "",
             table(

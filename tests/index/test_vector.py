@@ -40,6 +40,18 @@ def test_approximate_indexes_recall_against_exact(factory):
     assert recall_against_exact(exact, exact, q, 10) == 1.0
 
 
+def test_tune_changes_nprobe_with_and_without_a_filter():
+    x, q = unit(2000, 16, 0), unit(20, 16, 1)
+    exact = VectorIndex.build(x, items(2000), "m")
+    ivf = VectorIndex.build(x, items(2000), "m", IndexConfig(factory="IVF16,Flat", nprobe=1))
+    allowed = np.arange(2000) % 3 == 0
+    narrow = recall_against_exact(ivf, exact, q, 10)
+    ivf.tune(IndexConfig(factory="IVF16,Flat", nprobe=16))  # every list: exact
+    assert narrow < 0.9 and recall_against_exact(ivf, exact, q, 10) == 1.0
+    got, want = ivf.search(q, 10, allowed=allowed), exact.search(q, 10, allowed=allowed)
+    assert np.array_equal(got[1], want[1])
+
+
 def test_add_without_rebuild_equals_building_all_at_once():
     x = unit(60, 8, 0)
     grown = VectorIndex.build(x[:40], items(40), "m")

@@ -363,6 +363,12 @@ class VectorIndex:
             return faiss.SearchParametersHNSW(sel=selector, efSearch=self.cfg.ef_search)
         return faiss.SearchParameters(sel=selector)
 
+    def tune(self, cfg: IndexConfig) -> None:
+        """Search with `cfg`'s search-time settings (nprobe, ef_search) from now on; the
+        vectors and what the index was built as stay as they are."""
+        self.cfg = cfg
+        self._apply_search_params()
+
     def _apply_search_params(self) -> None:
         inner = faiss.downcast_index(self.index)
         if hasattr(inner, "nprobe"):
