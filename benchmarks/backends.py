@@ -153,7 +153,7 @@ def main() -> None:
             exact = None
             for cfg in factories(n):
                 kind = "Flat" if cfg.factory == "Flat" else "IVF"
-                if kind == "IVF":  # Milvus builds its search parameters in
+                if kind == "IVF":  # Milvus IVF takes its nprobe from here
                     cfg = dataclasses.replace(cfg, nprobe=args.nprobe[0])
                 for backend in ("faiss", "milvus") if kind in args.milvus else ("faiss",):
                     folder = Path(tmp) / f"{backend}{len(built)}"

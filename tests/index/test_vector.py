@@ -50,6 +50,8 @@ def test_tune_changes_nprobe_with_and_without_a_filter():
     assert narrow < 0.9 and recall_against_exact(ivf, exact, q, 10) == 1.0
     got, want = ivf.search(q, 10, allowed=allowed), exact.search(q, 10, allowed=allowed)
     assert np.array_equal(got[1], want[1])
+    with pytest.raises(ValueError, match="IVF16,Flat index cannot be tuned as Flat"):
+        ivf.tune(IndexConfig())
 
 
 def test_add_without_rebuild_equals_building_all_at_once():

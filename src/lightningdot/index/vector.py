@@ -366,6 +366,8 @@ class VectorIndex:
     def tune(self, cfg: IndexConfig) -> None:
         """Search with `cfg`'s search-time settings (nprobe, ef_search) from now on; the
         vectors and what the index was built as stay as they are."""
+        if cfg.factory != self.cfg.factory:
+            raise ValueError(f"a {self.cfg.factory} index cannot be tuned as {cfg.factory}")
         self.cfg = cfg
         self._apply_search_params()
 
