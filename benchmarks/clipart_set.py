@@ -9,8 +9,9 @@ Italian titles, author names (capitalised there) and numbers fall away; "A " + t
 it, so the script drops the tokens that end the names of many files in several folders. Only
 topic folders of things (animals, food, plants, tools, transportation, ...) are read; icons,
 shapes, signs (road signs and AIGA symbols among the transport pictures), flags and maps are
-left out, and so are the few pictures larger than the project reads (`MAX_PIXELS`). A caption kept by several pictures keeps the first
-(in path order), so that every query has one right answer. Each picture is `train` or `val` by
+left out, and so are the few pictures larger than the project reads (`MAX_PIXELS`). A caption
+kept by several pictures keeps the first (in path order), so that every query has one right
+answer. Each picture is `train` or `val` by
 a hash of its caption: val is the held-out half, train is there to fit what needs fitting.
 
     apt-get download openclipart-png && dpkg-deb -x openclipart-png_*.deb clipart
@@ -61,7 +62,6 @@ def author_words(files: list[Path]) -> set[str]:
 
 
 def too_large(f: Path) -> bool:
-    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is what we check
     with Image.open(f) as im:  # the header only
         return im.width * im.height > MAX_PIXELS
 
@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--root", type=Path, required=True, help="the package's png/ folder")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # `too_large` checks sizes
     words = english_words()
     files = sorted(
         f for t in TOPICS for f in (args.root / t).rglob("*.png") if f.parent.name not in SIGNS

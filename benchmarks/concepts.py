@@ -48,7 +48,12 @@ from lightningdot.evaluation.metrics import i2t_ranks, metrics_from_ranks, t2i_r
 from lightningdot.features import FeatureStore
 from lightningdot.features.backbones import create_backbone
 from lightningdot.model.checkpoint import load_model
-from lightningdot.model.concepts import concept_gate, concept_vectors, load_class_names
+from lightningdot.model.concepts import (
+    best_name_cosine,
+    concept_vectors,
+    load_class_names,
+    sigmoid_gate,
+)
 from lightningdot.model.pooling import mean_pool
 from lightningdot.model.pretrained import load_pretrained_text
 from lightningdot.model.prior import hub_prior
@@ -102,8 +107,7 @@ def views(model, classifier, sentences, spec, features: Path, names: torch.Tenso
         "prior_img": hub_prior(image, model.bank.text, model.bank.beta),
         "prior_cap": hub_prior(text, model.bank.image, model.bank.beta),
         "concept": words @ concept_vectors(logits, names).T,
-        "words": words,
-        "names": names,
+        "best": best_name_cosine(words, names),  # what the text gate reads, computed once
         "conf": logits.softmax(-1).max(-1).values,
     }
 
@@ -125,12 +129,9 @@ def i2t_ranks_of(scores: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
     return i2t_ranks(torch.eye(scores.shape[1]), scores, cap)
 
 
-def gate(x: torch.Tensor, weight: float, slope: float, shift: float) -> torch.Tensor:
-    return weight * torch.sigmoid(slope * (x - shift))
-
-
 def text_gate_of(d: dict, p: tuple[float, float, float]) -> torch.Tensor:
-    return concept_gate(d["words"], d["names"], *p)
+    """`concept_gate` of the set's captions, from their precomputed best-name cosines."""
+    return sigmoid_gate(d["best"], *p)
 
 
 def fusions(data: dict) -> dict:
@@ -150,7 +151,7 @@ def fusions(data: dict) -> dict:
     image_grid = itertools.product((0.25, 0.5, 1.0), (5, 10, 20), (0.2, 0.4, 0.6))
 
     def both(q):
-        return lambda d: ar_of(d, text_gate_of(d, p), gate(d["conf"], *q)[:, None])
+        return lambda d: ar_of(d, text_gate_of(d, p), sigmoid_gate(d["conf"], *q)[:, None])
 
     q = max(
         image_grid,

@@ -53,10 +53,19 @@ def concept_vectors(logits: torch.Tensor, names: torch.Tensor, top: int = 10) ->
     return F.normalize(torch.einsum("bk,bkd->bd", weights, names.float()[classes]), dim=-1)
 
 
+def best_name_cosine(queries: torch.Tensor, names: torch.Tensor) -> torch.Tensor:
+    """(Q, D) unit query embeddings -> (Q,) cosine of each with its closest class name."""
+    return (queries.float() @ names.float().T).max(-1).values
+
+
+def sigmoid_gate(x: torch.Tensor, weight: float, slope: float, shift: float) -> torch.Tensor:
+    """weight * sigmoid(slope * (x - shift)): near 0 below `shift`, near `weight` above it."""
+    return weight * torch.sigmoid(slope * (x - shift))
+
+
 def concept_gate(
     queries: torch.Tensor, names: torch.Tensor, weight: float, slope: float, shift: float
 ) -> torch.Tensor:
-    """(Q, D) unit query embeddings -> (Q,) weight of each query's concept score:
-    weight * sigmoid(slope * (best name cosine - shift))."""
-    best = (queries.float() @ names.float().T).max(-1).values
-    return weight * torch.sigmoid(slope * (best - shift))
+    """(Q, D) unit query embeddings -> (Q,) weight of each query's concept score, a
+    `sigmoid_gate` of its `best_name_cosine`."""
+    return sigmoid_gate(best_name_cosine(queries, names), weight, slope, shift)
