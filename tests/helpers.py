@@ -30,6 +30,15 @@ class ColourBackbone(Backbone):
     def preprocess(self, image):
         return torch.from_numpy(np.asarray(image.resize((8, 8)), dtype=np.float32)).permute(2, 0, 1)
 
+    def classifier(self):
+        """A seeded linear head, the same at every call (a concept view rebuilds it at load)."""
+        head = torch.nn.Linear(FEATURE_DIM, NUM_CLASSES)
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(NUM_CLASSES, FEATURE_DIM, generator=g))
+            head.bias.zero_()
+        return head
+
     def forward(self, pixels, soft_labels=True):
         q = torch.nn.functional.avg_pool2d(pixels, 4).flatten(2).transpose(1, 2)  # (B, 4, 3)
         feats = torch.cat([q, torch.zeros(*q.shape[:2], FEATURE_DIM - 3)], -1)
@@ -157,3 +166,20 @@ def noise_photo(path: Path, seed: int) -> None:
     pixels = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)
+
+
+def concept_view(cfg=None, d: int = 8, seed: int = 0, layers=None, branch: int = 0):
+    """A seeded concept view over the test backbone's classes in a `d`-dim sentence space
+    (with `layers`, a text branch above the text encoder's layer `branch`)."""
+    from lightningdot.config import ConceptConfig
+    from lightningdot.features import create_backbone
+    from lightningdot.model.concepts import ConceptView
+
+    g = torch.Generator().manual_seed(seed)
+    names = torch.nn.functional.normalize(torch.randn(NUM_CLASSES, d, generator=g), dim=-1)
+    a = torch.randn(d, d, generator=g)
+    cov = a @ a.T / d + 0.1 * torch.eye(d)
+    mean = 0.1 * torch.randn(d, generator=g)
+    classifier = create_backbone("test-colour").classifier()
+    view = ConceptView(cfg or ConceptConfig(), classifier, names, mean, cov, layers, branch)
+    return view.eval()

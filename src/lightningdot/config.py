@@ -315,6 +315,30 @@ class BankConfig:
 
 
 @dataclass
+class ConceptConfig:
+    """`ldot concepts`: the backbone's ImageNet classes as a view of a model's vectors
+    (`lightningdot.model.concepts`), and how much a query weighs it."""
+
+    split: str = "train"  # images the view's mean and covariance are estimated on
+    top: int = 10  # classes an image's concept vector mixes
+    temperature: float = 2.0  # of the softmax over the class logits (> 1 flattens it)
+    # A text query weighs its concept score by text_weight * sigmoid(slope * (c - shift)), c its
+    # cosine with its best-matching class name: object queries ("a tiger") match a name closely,
+    # scene captions hardly do.
+    text_weight: float = 0.1
+    gate_slope: float = 20.0
+    gate_shift: float = 0.55
+    image_weight: float = 0.04  # an image query's weight on its concept score of a caption
+    text_model: str = "all-minilm-l6-v2"  # the packaged sentence encoder the names live in
+
+    def __post_init__(self) -> None:
+        if self.top < 1 or self.temperature <= 0:
+            raise ValueError("top must be at least 1 and temperature positive")
+        if min(self.text_weight, self.image_weight) < 0:
+            raise ValueError("concept weights must be >= 0")
+
+
+@dataclass
 class IndexConfig:
     """How an index searches (`ldot index --factory`), saved in its `index.json`."""
 

@@ -38,7 +38,7 @@ from torch import nn
 from lightningdot.config import RuntimeConfig
 from lightningdot.features.backbones import Backbone
 from lightningdot.io import atomic_path
-from lightningdot.model.encoders import BiEncoder
+from lightningdot.model.encoders import BiEncoder, text_vectors
 
 EXPORT_VERSION = 1  # bump when what is exported changes, so older cached graphs are not reused
 # Two captions of different lengths: the traced graph must see padding to keep the mask.
@@ -61,16 +61,17 @@ def cache_dir() -> Path:
 
 
 class TextGraph(nn.Module):
-    """`BiEncoder.encode_text` from token tensors: (B, T) ids and mask -> (B, D) unit vectors."""
+    """`BiEncoder.encode_text` from token tensors: (B, T) ids and mask -> (B, D) vectors."""
 
     def __init__(self, model: BiEncoder) -> None:
         super().__init__()
-        self.text = model.text
+        self.text, self.concepts = model.text, model.concepts
         # What the graph does beyond its weights (the pooling, say), for its cache name.
-        self.config = json.dumps(asdict(model.cfg.text), sort_keys=True)
+        concepts = asdict(model.concepts.cfg) if model.concepts is not None else None
+        self.config = json.dumps([asdict(model.cfg.text), concepts], sort_keys=True)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.text.vectors(input_ids, attention_mask)
+        return text_vectors(self.text, self.concepts, input_ids, attention_mask)
 
 
 class GridGraph(nn.Module):

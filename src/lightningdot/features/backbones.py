@@ -103,6 +103,11 @@ class Backbone(nn.Module):
         unless `soft_labels` is False: only pre-training reads them)."""
         raise NotImplementedError
 
+    def classifier(self) -> nn.Module:
+        """The head that maps a pooled region feature to `num_classes` class logits (what a
+        concept view reads, `lightningdot.model.concepts`)."""
+        raise DataError(f"backbone {self.name!r} has no classifier to read concepts from")
+
 
 _BACKBONES: dict[str, Callable[[], Backbone]] = {}
 
@@ -151,6 +156,9 @@ class EfficientNetLiteGrid(Backbone):
         self.net.requires_grad_(False)
         # The feature map on a faster runtime (`lightningdot.runtime.accelerate_backbone`).
         self.graph: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def classifier(self) -> nn.Module:
+        return self.net._fc
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         # The whole picture goes in (no crop), so the grid cells tile the image exactly.

@@ -1,5 +1,6 @@
 """Model and re-ranker folders: `config.json` + `model.safetensors` holding only what training
-changed, and `bank.safetensors` when a model has a query bank (`lightningdot.model.prior`).
+changed, `bank.safetensors` when a model has a query bank (`lightningdot.model.prior`), and
+`concepts.safetensors` when it has a concept view (`lightningdot.model.concepts`).
 
 The pretrained parts are rebuilt from their PyPI packages (checked by hash), so a shipped model
 stores just its trained parameters. Names such as "default" resolve to folders inside the package
@@ -19,9 +20,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from lightningdot.config import ModelConfig, RerankerConfig, from_dict, to_dict
+from lightningdot.config import ConceptConfig, ModelConfig, RerankerConfig, from_dict, to_dict
 from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.io import read_json, write_json, write_safetensors
+from lightningdot.model.concepts import ConceptView, assemble_view, names_digest
 from lightningdot.model.encoders import BiEncoder
 from lightningdot.model.prior import QueryBank
 from lightningdot.model.reranker import Reranker
@@ -40,9 +42,15 @@ def save_model(
     folder = Path(folder)
     _write_weights(folder, model, dtype)
     config = {"format": FORMAT, "model": to_dict(model.cfg), **(extra or {})}
-    # A model with `image_from` uses that model's bank, like the rest of its image side.
-    bank = write_bank(folder, None if model.cfg.image_from else model.bank, dtype)
-    write_json(folder / "config.json", config | ({"bank": bank} if bank else {}))
+    # A model with `image_from` uses that model's bank and concept view, like the rest of its
+    # image side.
+    own = not model.cfg.image_from
+    bank = write_bank(folder, model.bank if own else None, dtype)
+    concepts = write_concepts(folder, model.concepts if own else None, dtype)
+    write_json(
+        folder / "config.json",
+        config | ({"bank": bank} if bank else {}) | ({"concepts": concepts} if concepts else {}),
+    )
 
 
 def _write_weights(folder: Path, module: BiEncoder | nn.Module, dtype: torch.dtype) -> None:
@@ -87,6 +95,53 @@ def load_bank(folder: Path, saved: dict[str, Any], dim: int) -> QueryBank | None
         raise ConfigMismatchError(f"{path} holds vectors of another size than the model's {dim}")
     source = {k: v for k, v in saved["bank"].items() if k != "beta"}
     return QueryBank(text, image, float(saved["bank"]["beta"]), source)
+
+
+def attach_concepts(folder: str | os.PathLike[str], view: ConceptView) -> None:
+    """Give the model saved in `folder` a concept view (`ldot concepts`), replacing any it had."""
+    folder = Path(folder)
+    saved = read_folder_config(folder, "model")
+    saved["concepts"] = write_concepts(folder, view, torch.float32)
+    write_json(folder / "config.json", saved)
+
+
+def write_concepts(
+    folder: Path, view: ConceptView | None, dtype: torch.dtype
+) -> dict[str, Any] | None:
+    """Write (or, for None, remove) a model folder's concept-view file; return its
+    `config.json` entry. As for the bank, the file goes first."""
+    path = Path(folder) / "concepts.safetensors"
+    if view is None:
+        path.unlink(missing_ok=True)
+        return None
+    tensors = {"names": view.names.to(dtype), "mean": view.mean.to(dtype), "cov": view.cov}
+    write_safetensors(path, tensors, metadata={"format": str(FORMAT)})
+    return {**to_dict(view.cfg), "names_sha256": names_digest()}
+
+
+def load_concepts(folder: Path, saved: dict[str, Any], model: BiEncoder) -> ConceptView | None:
+    """The concept view of a model folder, its classifier and text branch rebuilt from their
+    packages; None when it has none.
+
+    Raises:
+        ConfigMismatchError: the names were embedded from another class-name file than the
+            one installed, or do not fit the backbone's classifier.
+    """
+    if "concepts" not in saved:
+        return None
+    entry = dict(saved["concepts"])
+    if entry.pop("names_sha256", None) != names_digest():
+        raise ConfigMismatchError(
+            f"{folder}'s concept view embedded another class-name file than the installed "
+            "one; run `ldot concepts` on it again"
+        )
+    path = folder / "concepts.safetensors"
+    try:
+        with safe_open(path, framework="pt") as f:
+            names, mean, cov = (f.get_tensor(k).float() for k in ("names", "mean", "cov"))
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise DataError(f"damaged or missing concept view {path}: {e}") from e
+    return assemble_view(model.cfg, from_dict(ConceptConfig, entry), names, mean, cov)
 
 
 def read_folder_config(folder: Path, kind: Kind) -> dict[str, Any]:
@@ -172,7 +227,8 @@ def load_model(name_or_path: str | os.PathLike[str] | None = "default") -> BiEnc
         model.adopt_image_side(base)
     load_state_into(model, folder / "model.safetensors")
     if not cfg.image_from:
-        model.bank = load_bank(folder, saved, cfg.vector_dim)
+        model.concepts = load_concepts(folder, saved, model)
+        model.bank = load_bank(folder, saved, model.vector_dim)
     return model.eval()
 
 

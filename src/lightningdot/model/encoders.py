@@ -10,10 +10,15 @@ With `ModelConfig.pooled_dim`, each global vector is the concatenation of two un
 scaled to unit length: the transformer view above, and a pooled view (a linear map of the
 pooled text state; of the normalised mean region feature). Each view has its own CMR loss, and
 the score is still one dot product: the mean of the two views' cosines.
+
+A model given a concept view (`ldot concepts`, `lightningdot.model.concepts`) appends its
+coordinates to every vector at inference: the main vector stays the first `cfg.vector_dim`
+coordinates, and training never sees the view.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -27,6 +32,7 @@ from lightningdot.config import BertSize, ImageConfig, ModelConfig, RuntimeConfi
 from lightningdot.errors import ConfigMismatchError, DataError
 from lightningdot.features.regions import RegionBatch
 from lightningdot.model.attention import gate_bias, keys_values, layer_output
+from lightningdot.model.concepts import ConceptView
 from lightningdot.model.pooling import join_views, mean_pool
 from lightningdot.model.pretrained import (
     DEFAULT_TOKENIZER,
@@ -61,6 +67,21 @@ def by_length(
         parts.append(encode(ids[rows, :width].contiguous(), mask[rows, :width].contiguous()))
     out = torch.cat(parts)
     return out[torch.argsort(order)]
+
+
+def text_vectors(
+    text: TextEncoder, concepts: ConceptView | None, ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """(B, T) token ids -> (B, D) text item vectors: the text encoder's, then the concept
+    view's coordinates when there is one (from the states where its branch leaves the text
+    encoder)."""
+    if concepts is None:
+        return text.vectors(ids, mask)
+    branches = concepts.text_layers is not None
+    out = text.bert(input_ids=ids, attention_mask=mask, output_hidden_states=branches)
+    main = join_views(text.views(out.last_hidden_state, mask))
+    branch = out.hidden_states[concepts.branch] if branches else None
+    return torch.cat([main, concepts.text_item(branch, mask)], dim=-1)
 
 
 class TextEncoder(nn.Module):
@@ -245,6 +266,33 @@ class BiEncoder(nn.Module):
         # The runtime `fast_text` and the backbone of every `RegionSource.of(model)` run on
         # (None: eager PyTorch).
         self.runtime: RuntimeConfig | None = None
+        # The backbone's classes as a view appended to every vector at inference (`ldot
+        # concepts`); like the bank, not trained weights.
+        self.concepts: ConceptView | None = None
+
+    @property
+    def vector_dim(self) -> int:
+        """Size of the vectors the model encodes: the index dimension."""
+        return self.cfg.vector_dim + (self.concepts.dim if self.concepts is not None else 0)
+
+    def as_query(self, vectors: torch.Tensor, modality: str) -> torch.Tensor:
+        """(Q, vector_dim) vectors of texts or images ("text", "image") as `encode_text` and
+        `encode_image` give them, for an index -> the same as queries: the concept view's
+        coordinates weighted as a query weighs them (without one, the vectors themselves)."""
+        if self.concepts is None:
+            return vectors
+        main = self.cfg.vector_dim
+        concept = self.concepts.as_query(vectors[:, main:].float(), modality)
+        return torch.cat([vectors[:, :main], concept.to(vectors.dtype)], dim=1)
+
+    def drop_concepts(self) -> None:
+        """Answer with the main vectors alone, as the model did before its concept view: for an
+        index built without one (`lightningdot.index.engines.open_index`)."""
+        if self.concepts is None:
+            return
+        self.concepts, self.fast_text, self.runtime = None, None, None
+        if self.bank is not None:
+            self.bank = self.bank.head(self.cfg.vector_dim)
 
     def train(self, mode: bool = True) -> BiEncoder:
         if mode:
@@ -305,16 +353,20 @@ class BiEncoder(nn.Module):
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def encode_text(self, texts: list[str] | dict[str, torch.Tensor]) -> torch.Tensor:
-        """Captions (strings or `tokenize` output) -> (B, vector_dim) unit text vectors."""
+        """Captions (strings or `tokenize` output) -> (B, vector_dim) text vectors, as items of
+        an index (`as_query` makes queries of them): the unit main vector, then the concept
+        view's coordinates if the model has one."""
         batch = self.tokenize(texts) if isinstance(texts, list) else texts
         device = self.logit_scale.device
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         if torch.is_grad_enabled():  # training: one padded batch, as the losses see it
             return self.text.vectors(ids, mask)
-        return by_length(self.fast_text or self.text.vectors, ids, mask)
+        eager = functools.partial(text_vectors, self.text, self.concepts)
+        return by_length(self.fast_text or eager, ids, mask)
 
     def encode_image(self, regions: RegionBatch) -> torch.Tensor:
-        """Regions of B images -> (B, vector_dim) unit image vectors."""
+        """Regions of B images -> (B, vector_dim) image vectors, as items of an index (see
+        `encode_text`)."""
         return self.encode_image_states(regions)[0]
 
     def encode_image_states(self, regions: RegionBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,7 +374,10 @@ class BiEncoder(nn.Module):
         states the vectors come from (what a re-ranker reads)."""
         regions = regions.to(self.logit_scale.device)
         states = self.image(regions)
-        return join_views(self.image.views(states, regions)), states
+        vectors = join_views(self.image.views(states, regions))
+        if self.concepts is not None and not torch.is_grad_enabled():
+            vectors = torch.cat([vectors, self.concepts.image_item(regions)], dim=1)
+        return vectors, states
 
     @staticmethod
     def score(text_vectors: torch.Tensor, image_vectors: torch.Tensor) -> torch.Tensor:
@@ -338,6 +393,8 @@ class BiEncoder(nn.Module):
             scale.data.copy_(source.data)
             scale.requires_grad_(False)
         self.bank = other.bank
+        if other.concepts is not None:  # its image side; this text encoder has no branch
+            self.concepts = other.concepts.image_side()
 
     def stored_state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint must hold: the parameters the config trains (every text parameter
@@ -354,4 +411,8 @@ class BiEncoder(nn.Module):
                 for n, p in self.text.named_parameters(prefix="text")
                 if not (packaged and n.startswith(frozen))
             }
-        return {n: p for n, p in self.named_parameters() if not (packaged and n.startswith(frozen))}
+        return {
+            n: p
+            for n, p in self.named_parameters()
+            if not (packaged and n.startswith(frozen)) and not n.startswith("concepts.")
+        }

@@ -40,6 +40,11 @@ class QueryBank:
                 f"{tuple(self.image.shape)}"
             )
 
+    def head(self, dim: int) -> QueryBank:
+        """The bank's vectors cut to their first `dim` coordinates (a model's main vectors,
+        without the concept view after them)."""
+        return QueryBank(self.text[:, :dim], self.image[:, :dim], self.beta, self.source)
+
 
 def hub_prior(
     gallery: torch.Tensor, bank: torch.Tensor, beta: float, block: int = 4096
