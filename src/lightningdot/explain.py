@@ -60,6 +60,12 @@ def _scores(bi, regions, gate, queries, reranker, text):
     return reranker.fused_score(cross, dot)
 
 
+def main_view(bi: BiEncoder, vectors: torch.Tensor) -> torch.Tensor:
+    """The main vectors alone: what the encoders' weights explain (a concept view's
+    coordinates, after them, come from the backbone's classifier instead)."""
+    return vectors[..., : bi.cfg.vector_dim]
+
+
 def region_gradients(
     bi: BiEncoder,
     regions: RegionBatch,
@@ -78,7 +84,8 @@ def region_gradients(
         regions = regions.to(bi.logit_scale.device)
         text = None if text is None else tuple(t.clone() for t in text)
         gate = torch.ones(regions.mask.shape, requires_grad=True)
-        score = _scores(bi, regions, gate, queries.float().clone(), reranker, text)
+        queries = main_view(bi, queries).float().clone()
+        score = _scores(bi, regions, gate, queries, reranker, text)
         (grad,) = torch.autograd.grad(score.sum(), gate)
     return grad * regions.mask
 
@@ -102,6 +109,7 @@ def token_weights(bi: BiEncoder, captions: list[str], images: torch.Tensor) -> l
     b_j . v_j / n_j. (With [CLS] pooling, the first token carries the whole score.)"""
     batch = bi.tokenize(captions)
     ids, mask = batch["input_ids"], batch["attention_mask"]
+    images = main_view(bi, images)
     states = bi.text(ids, mask)
     pooled = bi.text.pool(states, mask)
     heads = [bi.text.proj] if bi.text.pooled_proj is None else [bi.text.proj, bi.text.pooled_proj]

@@ -308,7 +308,7 @@ class Retriever:
         page.check(k, rerank)
         clock = Stopwatch()
         live = self.index.live  # once: a change may put a new version live meanwhile
-        vectors = self.model.encode_text(queries).numpy()
+        vectors = self.model.as_query(self.model.encode_text(queries), "text").numpy()
         clock.lap("encode")
         depth = max(k + page.offset, rerank)
         found = [
@@ -342,7 +342,7 @@ class Retriever:
         if live.images.get(image_id) is None:
             raise DataError(f"no image {image_id!r} in the index")
         with torch.inference_mode():
-            vector = self.model.encode_text([query])[0]
+            vector = self.model.as_query(self.model.encode_text([query]), "text")[0]
         hit = Result(image_id, 0.0)
         return self._explained(query, vector, [hit], live, rerank)[0].regions
 
@@ -423,7 +423,7 @@ class Retriever:
         where = page.where(live.images)
         clock = Stopwatch()
         regions = self.regions.of_images(queries)
-        vectors = self.model.encode_image(regions).numpy()
+        vectors = self.model.as_query(self.model.encode_image(regions), "image").numpy()
         clock.lap("encode")
         found: dict[str, list[list[Result]]] = {}
         for t in targets:

@@ -34,7 +34,8 @@ def evaluate_model(model: BiEncoder, corpus: Corpus, regions: Iterable[RegionBat
     image = encode_regions(model, regions)
     text = encode_texts(model, corpus.captions)
     model.train(was_training)
-    return recall_metrics(text, image, corpus.caption_image, model.bank)
+    queries = model.as_query(text, "text"), model.as_query(image, "image")
+    return recall_metrics(text, image, corpus.caption_image, model.bank, queries)
 
 
 @torch.inference_mode()
@@ -58,6 +59,8 @@ def evaluate_reranked(
     texts = caption_states(reranker, captions)
     images = gallery_states(reranker, regions)
     text_vecs, image_vecs = vectors_of_states(reranker.bi, texts, images, regions)
+    # Those are the main vectors alone (a concept view needs more than the states).
+    bank = reranker.bi.bank and reranker.bi.bank.head(reranker.bi.cfg.vector_dim)
     cache: dict[tuple[str, int], torch.Tensor] = {}  # (direction, first query) -> cross logits
 
     def rescore(direction, q, cand, dot, fusion):
@@ -77,7 +80,7 @@ def evaluate_reranked(
             k,
             partial(rescore, "t2i", fusion=w),
             partial(rescore, "i2t", fusion=w),
-            reranker.bi.bank,
+            bank,
             with_ranks,
         )
         for w in weights

@@ -51,19 +51,25 @@ def i2t_ranks(
 
 
 def directed(
-    text: torch.Tensor, image: torch.Tensor, bank: QueryBank | None = None
+    text: torch.Tensor,
+    image: torch.Tensor,
+    bank: QueryBank | None = None,
+    queries: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """The (text, image) vectors each direction scores with: (t2i pair, i2t pair).
 
-    With a query bank, the gallery side of each direction carries its items' priors (images for
-    t2i, captions for i2t) and the query side a 1, as an index built with the bank stores them.
+    `queries`: the same texts and images as queries (`BiEncoder.as_query`), when a model's
+    queries differ from its items. With a query bank, the gallery side of each direction
+    carries its items' priors (images for t2i, captions for i2t) and the query side a 1, as an
+    index built with the bank stores them.
     """
     text, image = text.float(), image.float()
+    text_q, image_q = (q.float() for q in queries) if queries is not None else (text, image)
     if bank is None:
-        return (text, image), (text, image)
+        return (text_q, image), (text, image_q)
     images = gallery_side(image, hub_prior(image, bank.text, bank.beta))
     captions = gallery_side(text, hub_prior(text, bank.image, bank.beta))
-    return (query_side(text), images), (captions, query_side(image))
+    return (query_side(text_q), images), (captions, query_side(image_q))
 
 
 @in_float32
@@ -72,15 +78,16 @@ def recall_metrics(
     image: torch.Tensor,
     caption_image: Sequence[int] | torch.Tensor,
     bank: QueryBank | None = None,
+    queries: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict:
     """Recall@1/5/10 (percent) both ways and AR, in the JSON layout `ldot evaluate` writes;
-    with `bank`, ranked by dot product + query-bank prior."""
+    with `bank`, ranked by dot product + query-bank prior; `queries` as for `directed`."""
     caption_image = torch.as_tensor(caption_image, dtype=torch.long)
     if len(text) != len(caption_image):
         raise ValueError("one image index per caption is needed")
     if len(image) == 0 or len(text) == 0:
         raise DataError("cannot evaluate without images and captions")
-    t2i, i2t = directed(text, image, bank)
+    t2i, i2t = directed(text, image, bank, queries)
     return metrics_from_ranks(t2i_ranks(*t2i, caption_image), i2t_ranks(*i2t, caption_image))
 
 
