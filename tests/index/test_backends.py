@@ -348,3 +348,20 @@ def test_the_cli_builds_searches_and_deletes_on_milvus(model_dir, corpus_dir, st
     ]:
         bad = runner.invoke(app, ["index", "--out", str(tmp_path / "new"), *common, *args])
         assert bad.exit_code == 2 and says in bad.output, bad.output
+
+
+def test_a_milvus_collection_built_before_the_concept_view_is_searched_by_the_main_vectors(
+    model, corpus_dir, store_dir, tmp_path
+):
+    from tests.helpers import concept_view
+
+    index = build(model, corpus_dir, store_dir, tmp_path / "ix", "milvus", "before_view")
+    with torch.no_grad():
+        query = model.encode_text(["a red picture"])[0]
+    before = ranked(index, query, 4)
+    model.concepts = concept_view()
+    assert model.vector_dim > index.image_index.dim
+    with pytest.warns(UserWarning, match="without the model's concept view"):
+        reopened = open_index(tmp_path / "ix", model)
+    assert model.concepts is None and reopened.image_index.dim == model.vector_dim
+    assert_same(ranked(reopened, query, 4), before)

@@ -42,6 +42,10 @@ class Items(Protocol):
     model_id: str  # `index_identity` of the model that made it
 
     @property
+    def dim(self) -> int:
+        """The size of the vectors it holds (a prior's coordinate left out)."""
+
+    @property
     def count(self) -> int:
         """How many items it holds."""
 

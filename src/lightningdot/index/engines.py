@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from lightningdot.index.folder import IndexFolder
 from lightningdot.index.milvus import MilvusFolder
 from lightningdot.index.record import RECORD, Manifest
-from lightningdot.index.vector import IndexPrior
+from lightningdot.index.vector import IndexPrior, priors_of
 from lightningdot.model.encoders import BiEncoder
+from lightningdot.runtime import accelerate
 
 
 def backend_of(folder: str | Path) -> type[IndexFolder]:
@@ -22,8 +24,25 @@ def backend_of(folder: str | Path) -> type[IndexFolder]:
 
 
 def open_index(folder: str | Path, model: BiEncoder, mmap: bool = True) -> IndexFolder:
-    """`IndexFolder.open` with the folder's backend."""
-    return backend_of(folder).open(folder, model, mmap)
+    """`IndexFolder.open` with the folder's backend.
+
+    An index built before its model had a concept view holds the main vectors alone (the
+    view's coordinates come after them): the model then answers it with its main vectors
+    (`BiEncoder.drop_concepts`), as it did when the index was built, and says so once.
+    """
+    index = backend_of(folder).open(folder, model, mmap)
+    if model.concepts is not None and index.image_index.dim == model.cfg.vector_dim:
+        warnings.warn(
+            f"{folder} was built without the model's concept view: searching it with the main "
+            "vectors alone; rebuild it with `ldot index` to search by concepts too",
+            stacklevel=2,
+        )
+        runtime = model.runtime
+        model.drop_concepts()
+        if runtime is not None:
+            accelerate(model, runtime)
+        index.caption_prior = priors_of(model.bank)[1]  # for a caption index an add makes
+    return index
 
 
 def load_index(

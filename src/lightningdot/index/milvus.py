@@ -281,6 +281,12 @@ class MilvusItems:
         return f"batch <= {v} and (gone == 0 or gone > {v})"
 
     @property
+    def dim(self) -> int:
+        fields = self.client.describe_collection(self.collection)["fields"]
+        vector = next(f for f in fields if f["name"] == "vector")
+        return int(vector["params"]["dim"]) - (self.prior is not None)
+
+    @property
     def count(self) -> int:
         rows = self.client.query(self.collection, filter=self.gate, output_fields=["count(*)"])
         return int(rows[0]["count(*)"])
