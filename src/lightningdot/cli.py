@@ -150,6 +150,40 @@ def bank(
 
 
 @app.command()
+def concepts(
+    model: Annotated[
+        Path, typer.Argument(help="Model folder to give a concept view (e.g. runs/NAME/best).")
+    ],
+    annotations: Annotated[Path, opt("Karpathy-format file the model trained on.")],
+    features: Annotated[Path, opt("Feature store of its images.")],
+    split: Annotated[str, opt("Split whose images set the view's mean and spread.")] = "train",
+    temperature: Annotated[float | None, opt("Softmax temperature over the classes.")] = None,
+    text_weight: Annotated[float | None, opt("Most weight a text query gives concepts.")] = None,
+    gate_slope: Annotated[float | None, opt("Slope of the text query's gate.")] = None,
+    gate_shift: Annotated[float | None, opt("Name cosine where the gate is half open.")] = None,
+    image_weight: Annotated[float | None, opt("An image query's weight on concepts.")] = None,
+) -> None:
+    """Give a model the concept view of its backbone's 1,000 ImageNet classes: every vector gets
+    their coordinates, so an index knows objects its captions never named (a model with a
+    bank gets it again; indexes built before keep working on the main vectors). Weights left
+    out take the fitted defaults (README, "Concepts beyond the captions")."""
+    from lightningdot.config import ConceptConfig, from_dict
+    from lightningdot.training.concepts import give_concepts
+
+    given = {
+        "temperature": temperature,
+        "text_weight": text_weight,
+        "gate_slope": gate_slope,
+        "gate_shift": gate_shift,
+        "image_weight": image_weight,
+    }
+    with user_errors():
+        settings = {"split": split, **{k: v for k, v in given.items() if v is not None}}
+        view = give_concepts(model, annotations, features, from_dict(ConceptConfig, settings))
+    show.console.print(f"wrote {model / 'concepts.safetensors'}: {len(view.names)} classes")
+
+
+@app.command()
 def align(
     recipe: Annotated[Path, typer.Argument(help="TOML recipe (see recipes/multilingual.toml).")],
     out: Annotated[Path, opt("Run folder: best/, last/, log.jsonl.")],

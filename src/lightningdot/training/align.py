@@ -176,6 +176,7 @@ class AlignTask(Task):
     def __init__(self, cfg: AlignConfig) -> None:
         self.cfg = cfg
         teacher = load_model(cfg.teacher)
+        teacher.drop_concepts()  # the student learns the main space; it shares the view at load
         store = FeatureStore(cfg.features)
         with torch.inference_mode():
             self.train_split = load_split(cfg, cfg.train_split, store, teacher)

@@ -110,6 +110,7 @@ class RerankerTask(Task):
     def __init__(self, cfg: RerankTrainConfig, val_k: int, log: Callable[[str], None]) -> None:
         self.cfg, self.val_k = cfg, val_k
         bi = load_model(cfg.bi_encoder)
+        bi.drop_concepts()  # the re-ranker learns on the main vectors' candidates and priors
         # A copy of the recipe's re-ranker config: validation may tune its fusion weight.
         self.reranker = self.module = Reranker(bi, dataclasses.replace(cfg.reranker))
         self.reranker.init_pretrained()

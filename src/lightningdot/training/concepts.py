@@ -1,0 +1,87 @@
+"""`ldot concepts`: give a model the concept view of its backbone's ImageNet classes
+(`lightningdot.model.concepts`), its statistics estimated on a split the model trained on.
+
+What it computes: the sentence embedding of every class name (the packaged encoder, mean
+pooled), and the mean and covariance of the concept vectors of the split's images. A model with
+a query bank gets its bank again, encoded with the view (its vectors grow by the view's size).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lightningdot.config import BankConfig, ConceptConfig
+from lightningdot.data import read_karpathy
+from lightningdot.encode import RegionSource
+from lightningdot.errors import DataError
+from lightningdot.features import FeatureStore, create_backbone
+from lightningdot.model.checkpoint import attach_bank, attach_concepts, load_model
+from lightningdot.model.concepts import ConceptView, load_class_names, text_branch
+from lightningdot.model.encoders import BiEncoder
+from lightningdot.model.pooling import mean_pool
+from lightningdot.model.pretrained import load_pretrained_text
+from lightningdot.training.bank import make_bank
+
+
+@torch.inference_mode()
+def sentence_embeddings(texts: list[str], text_model: str, batch: int = 256) -> torch.Tensor:
+    """(N,) texts -> (N, D) unit, mean-pooled sentence embeddings of a packaged encoder."""
+    encoder, tokenizer = load_pretrained_text(text_model)
+    encoder.eval()
+    out = []
+    for s in range(0, len(texts), batch):
+        enc = tokenizer(texts[s : s + batch], padding=True, truncation=True, return_tensors="pt")
+        states = encoder(**enc).last_hidden_state
+        out.append(F.normalize(mean_pool(states, enc["attention_mask"]), dim=-1))
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def make_concepts(
+    model: BiEncoder, annotations: str | Path, features: str | Path, cfg: ConceptConfig
+) -> ConceptView:
+    """The concept view of `model`, its image statistics from the split `cfg.split`."""
+    classifier = create_backbone(model.cfg.backbone).classifier()
+    names = sentence_embeddings(load_class_names(classifier.out_features), cfg.text_model)
+    d = names.shape[1]
+    layers, branch = text_branch(model.cfg, cfg)
+    view = ConceptView(cfg, classifier, names, torch.zeros(d), torch.eye(d), layers, branch)
+    keys = read_karpathy(annotations, cfg.split).keys()
+    source = RegionSource(model.cfg.backbone, FeatureStore(features))
+    concepts = torch.cat([view.concept_of(b) for b in source.batches(keys)])
+    view.mean, view.cov = concepts.mean(0), torch.cov(concepts.T)
+    return view.eval()
+
+
+def give_concepts(
+    folder: str | os.PathLike[str],
+    annotations: str | Path,
+    features: str | Path,
+    cfg: ConceptConfig,
+) -> ConceptView:
+    """Make the concept view of the model saved in `folder` (`make_concepts`) and store it
+    there, with the model's query bank made again to include it.
+
+    Raises:
+        DataError: `folder` is no model folder, or the model takes its image side from another.
+    """
+    folder = Path(folder)
+    net = load_model(folder)
+    if net.cfg.image_from:
+        raise DataError(
+            f"{folder} uses the image side of {net.cfg.image_from!r}; give that model the "
+            "concept view instead"
+        )
+    net.drop_concepts()
+    view = make_concepts(net, annotations, features, cfg)
+    attach_concepts(folder, view)
+    if net.bank is not None:
+        src = net.bank.source
+        bank = BankConfig(src["split"], src["size"], net.bank.beta, src.get("seed", 0))
+        net.concepts = view
+        attach_bank(folder, make_bank(net, annotations, features, bank))
+    return view
