@@ -40,7 +40,7 @@ from lightningdot.features.backbones import Backbone
 from lightningdot.io import atomic_path
 from lightningdot.model.encoders import BiEncoder, text_vectors
 
-EXPORT_VERSION = 1  # bump when what is exported changes, so older cached graphs are not reused
+EXPORT_VERSION = 2  # bump when what is exported changes, so older cached graphs are not reused
 # Two captions of different lengths: the traced graph must see padding to keep the mask.
 EXAMPLE_CAPTIONS = ["a dog runs across the green grass", "two people"]
 

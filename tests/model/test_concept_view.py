@@ -183,13 +183,16 @@ def test_an_index_built_with_the_view_searches_by_it(corpus_dir, tmp_path, model
     assert len(hits) == 3
 
 
-def test_the_onnx_graph_carries_the_branch(tmp_path, monkeypatch):
+@pytest.mark.parametrize("branches", [True, False], ids=["branch", "image side only"])
+def test_the_onnx_graph_carries_the_view_at_any_batch_size(branches, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     from lightningdot import runtime
     from lightningdot.config import RuntimeConfig
 
     monkeypatch.setenv("LDOT_CACHE", str(tmp_path / "cache"))
     model = branch_model()
+    if not branches:  # as a multilingual model holds its image side's view
+        model.concepts = model.concepts.image_side()
     with torch.inference_mode():
         eager = model.encode_text(CAPTIONS)
         runtime.accelerate(model, RuntimeConfig("onnx", threads=1))

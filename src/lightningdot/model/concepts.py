@@ -167,7 +167,9 @@ class ConceptView(nn.Module):
         """The states after layer `branch` (None: no branch) -> (B, D) concept coordinates of
         the captions as items: s / sd(s)."""
         if self.text_layers is None or states is None:
-            return mask.new_zeros(len(mask), self.dim, dtype=torch.float)
+            # Zeros shaped from `mask` itself, not from len(mask): an exported graph keeps
+            # the batch size a variable.
+            return torch.zeros_like(mask[:, :1], dtype=torch.float).expand(-1, self.dim)
         s = self.sentence(states, mask)
         return s / ((s @ self.cov) * s).sum(-1, keepdim=True).clamp_min(1e-12).sqrt()
 
