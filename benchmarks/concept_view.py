@@ -13,7 +13,7 @@ the higher clip-art train AR wins. The fitted weights then go to the shipped def
 (`ldot concepts` with them), its statistics from its own train split.
 
 Reported: Flickr8k val, COCO-mini and clip-art val, each ranked as `ldot evaluate` ranks (dot
-product + the model's query-bank prior, the bank made again with the view).
+product + the model's query-bank prior).
 
     python benchmarks/concept_view.py --heldout-annotations
     ldot finetune recipes/ablations/concepts-heldout.toml --out runs/concepts-heldout
@@ -31,14 +31,13 @@ from pathlib import Path
 import torch
 from report import commit, machine, table, write_section
 
-from lightningdot.config import BankConfig, ConceptConfig
+from lightningdot.config import ConceptConfig
 from lightningdot.data import read_karpathy
 from lightningdot.encode import RegionSource, encode_collection, encode_texts
 from lightningdot.evaluation.metrics import recall_metrics
 from lightningdot.features import FeatureStore
 from lightningdot.model.checkpoint import load_model
-from lightningdot.model.prior import QueryBank
-from lightningdot.training.bank import bank_items, make_bank
+from lightningdot.training.bank import make_bank
 from lightningdot.training.concepts import make_concepts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,28 +84,25 @@ def encoded(model, spec) -> dict:
 
 
 class Ranker:
-    """A model, its bank's items and the sets it is measured on, encoded once: metrics under
-    any query-side weights of its concept view, as `ldot evaluate` ranks (dot product + prior,
-    the bank's queries weighted like the sets')."""
+    """A model and the sets it is measured on, encoded once: metrics under any query-side
+    weights of its concept view, as `ldot evaluate` ranks (dot product + the prior of the
+    model's bank)."""
 
     def __init__(self, model, annotations: Path, concepts: ConceptConfig | None, sets: dict):
         model.drop_concepts()
         if concepts is not None:
             features = FEATURES / "flickr8k-lite2"
             model.concepts = make_concepts(model, annotations, features, concepts)
-        self.model, self.beta = model, model.bank.beta
-        bank = BankConfig(**{k: model.bank.source[k] for k in ("split", "size", "seed")})
-        self.bank = bank_items(model, annotations, FEATURES / "flickr8k-lite2", bank)
+        self.model = model
         self.sets = {n: encoded(model, spec) for n, spec in sets.items()}
 
     def metrics(self, name: str, **weights) -> dict:
         m = self.model
         if m.concepts is not None:
             m.concepts.cfg = dataclasses.replace(m.concepts.cfg, **weights)
-        q = lambda t, i: (m.as_query(t, "text"), m.as_query(i, "image"))  # noqa: E731
-        bank = QueryBank(*q(*self.bank), self.beta)
         d = self.sets[name]
-        return recall_metrics(d["text"], d["image"], d["cap"], bank, q(d["text"], d["image"]))
+        queries = m.as_query(d["text"], "text"), m.as_query(d["image"], "image")
+        return recall_metrics(d["text"], d["image"], d["cap"], m.bank, queries)
 
 
 def mean_recall(m: dict, direction: str) -> float:

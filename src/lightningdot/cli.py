@@ -164,8 +164,8 @@ def concepts(
     image_weight: Annotated[float | None, opt("An image query's weight on concepts.")] = None,
 ) -> None:
     """Give a model the concept view of its backbone's 1,000 ImageNet classes: every vector gets
-    their coordinates, so an index knows objects its captions never named (a model with a
-    bank gets it again; indexes built before keep working on the main vectors). Weights left
+    their coordinates, so an index knows objects its captions never named (indexes built
+    before keep working on the main vectors). Weights left
     out take the fitted defaults (README, "Concepts beyond the captions")."""
     from lightningdot.config import ConceptConfig, from_dict
     from lightningdot.training.concepts import give_concepts

@@ -212,3 +212,11 @@ def test_bank_command_and_evaluate_with_and_without_the_prior(corpus_dir, store_
     args = ["bank", str(tmp_path / "model"), *common, "--features", str(store_dir), "--beta", "0"]
     r = runner.invoke(app, args)
     assert r.exit_code == 2 and "--beta positive" in r.output and "Traceback" not in r.output
+
+
+def test_the_prior_reads_the_main_coordinates_of_items_with_a_concept_view():
+    g = torch.Generator().manual_seed(5)
+    main, concepts = torch.randn(7, 6, generator=g), torch.randn(7, 4, generator=g)
+    bank = torch.randn(9, 6, generator=g)
+    with_view = hub_prior(torch.cat([main, concepts], dim=1), bank, beta=3.0)
+    torch.testing.assert_close(with_view, hub_prior(main, bank, beta=3.0))

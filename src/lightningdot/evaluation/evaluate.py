@@ -59,8 +59,6 @@ def evaluate_reranked(
     texts = caption_states(reranker, captions)
     images = gallery_states(reranker, regions)
     text_vecs, image_vecs = vectors_of_states(reranker.bi, texts, images, regions)
-    # Those are the main vectors alone (a concept view needs more than the states).
-    bank = reranker.bi.bank and reranker.bi.bank.head(reranker.bi.cfg.vector_dim)
     cache: dict[tuple[str, int], torch.Tensor] = {}  # (direction, first query) -> cross logits
 
     def rescore(direction, q, cand, dot, fusion):
@@ -80,7 +78,7 @@ def evaluate_reranked(
             k,
             partial(rescore, "t2i", fusion=w),
             partial(rescore, "i2t", fusion=w),
-            bank,
+            reranker.bi.bank,
             with_ranks,
         )
         for w in weights

@@ -228,7 +228,7 @@ def load_model(name_or_path: str | os.PathLike[str] | None = "default") -> BiEnc
     load_state_into(model, folder / "model.safetensors")
     if not cfg.image_from:
         model.concepts = load_concepts(folder, saved, model)
-        model.bank = load_bank(folder, saved, model.vector_dim)
+        model.bank = load_bank(folder, saved, model.cfg.vector_dim)
     return model.eval()
 
 

@@ -291,8 +291,6 @@ class BiEncoder(nn.Module):
         if self.concepts is None:
             return
         self.concepts, self.fast_text, self.runtime = None, None, None
-        if self.bank is not None:
-            self.bank = self.bank.head(self.cfg.vector_dim)
 
     def train(self, mode: bool = True) -> BiEncoder:
         if mode:

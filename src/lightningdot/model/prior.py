@@ -13,6 +13,12 @@ as anywhere, and an added item gets its prior when it is added. The bank is the 
 vectors of its training captions (the prior of images) and of its training images (the prior of
 captions); `ldot bank` makes it (`lightningdot.training.bank`) and stores it beside the model's
 weights.
+
+The bank lives in the model's main space: with a concept view (`lightningdot.model.concepts`),
+whose coordinates follow the main ones, the prior reads an item's main coordinates alone. The
+concept score is a z-score, standardised over the images for every query already, and a
+prior without it is the same for every text encoder that shares the image side (`--model
+multilingual`, whose queries have no concept coordinates, searches indexes `default` built).
 """
 
 from __future__ import annotations
@@ -40,17 +46,13 @@ class QueryBank:
                 f"{tuple(self.image.shape)}"
             )
 
-    def head(self, dim: int) -> QueryBank:
-        """The bank's vectors cut to their first `dim` coordinates (a model's main vectors,
-        without the concept view after them)."""
-        return QueryBank(self.text[:, :dim], self.image[:, :dim], self.beta, self.source)
-
 
 def hub_prior(
     gallery: torch.Tensor, bank: torch.Tensor, beta: float, block: int = 4096
 ) -> torch.Tensor:
-    """(G, D) gallery vectors and (N, D) bank vectors -> (G,) additive priors."""
-    gallery, bank = gallery.float(), bank.float()
+    """(G, D + C) gallery vectors and (N, D) bank vectors -> (G,) additive priors, from the
+    gallery's first D coordinates (the main view; C: a concept view's, see the module)."""
+    gallery, bank = gallery[:, : bank.shape[1]].float(), bank.float()
     parts = [
         -(torch.logsumexp(beta * (bank @ gallery[s : s + block].T), dim=0) - math.log(len(bank)))
         / beta

@@ -22,18 +22,8 @@ def make_bank(
     model: BiEncoder, annotations: str | Path, features: str | Path, cfg: BankConfig | None = None
 ) -> QueryBank:
     """A bank of `cfg.size` captions and `cfg.size` images drawn (seeded) from a split the model
-    was trained on, encoded by the model as queries: no evaluation data goes into it."""
+    was trained on, encoded by the model: no evaluation data goes into it."""
     cfg = cfg or BankConfig()
-    text, image = bank_items(model, annotations, features, cfg)
-    source = {"annotations": Path(annotations).name, "split": cfg.split, "size": cfg.size}
-    queries = model.as_query(text, "text"), model.as_query(image, "image")
-    return QueryBank(*queries, cfg.beta, source | {"seed": cfg.seed})
-
-
-def bank_items(
-    model: BiEncoder, annotations: str | Path, features: str | Path, cfg: BankConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The captions and images of `make_bank`'s draw, as the model encodes them for an index."""
     corpus = read_karpathy(annotations, cfg.split)
     g = torch.Generator().manual_seed(cfg.seed)
     captions = [
@@ -45,7 +35,9 @@ def bank_items(
     text = encode_texts(model, captions)
     image = encode_collection(model, RegionSource.of(model, FeatureStore(features)), keys)
     model.train(was)
-    return text, image
+    source = {"annotations": Path(annotations).name, "split": cfg.split, "size": cfg.size}
+    main = model.cfg.vector_dim  # the main view alone (`lightningdot.model.prior`)
+    return QueryBank(text[:, :main], image[:, :main], cfg.beta, source | {"seed": cfg.seed})
 
 
 def give_bank(

@@ -2,8 +2,8 @@
 (`lightningdot.model.concepts`), its statistics estimated on a split the model trained on.
 
 What it computes: the sentence embedding of every class name (the packaged encoder, mean
-pooled), and the mean and covariance of the concept vectors of the split's images. A model with
-a query bank gets its bank again, encoded with the view (its vectors grow by the view's size).
+pooled), and the mean and covariance of the concept vectors of the split's images. A model's
+query bank stays as it is: it lives in the main space (`lightningdot.model.prior`).
 """
 
 from __future__ import annotations
@@ -14,17 +14,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lightningdot.config import BankConfig, ConceptConfig
+from lightningdot.config import ConceptConfig
 from lightningdot.data import read_karpathy
 from lightningdot.encode import RegionSource
 from lightningdot.errors import DataError
 from lightningdot.features import FeatureStore, create_backbone
-from lightningdot.model.checkpoint import attach_bank, attach_concepts, load_model
+from lightningdot.model.checkpoint import attach_concepts, load_model
 from lightningdot.model.concepts import ConceptView, load_class_names, text_branch
 from lightningdot.model.encoders import BiEncoder
 from lightningdot.model.pooling import mean_pool
 from lightningdot.model.pretrained import load_pretrained_text
-from lightningdot.training.bank import make_bank
 
 
 @torch.inference_mode()
@@ -64,7 +63,7 @@ def give_concepts(
     cfg: ConceptConfig,
 ) -> ConceptView:
     """Make the concept view of the model saved in `folder` (`make_concepts`) and store it
-    there, with the model's query bank made again to include it.
+    there.
 
     Raises:
         DataError: `folder` is no model folder, or the model takes its image side from another.
@@ -79,9 +78,4 @@ def give_concepts(
     net.drop_concepts()
     view = make_concepts(net, annotations, features, cfg)
     attach_concepts(folder, view)
-    if net.bank is not None:
-        src = net.bank.source
-        bank = BankConfig(src["split"], src["size"], net.bank.beta, src.get("seed", 0))
-        net.concepts = view
-        attach_bank(folder, make_bank(net, annotations, features, bank))
     return view
