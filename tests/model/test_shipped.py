@@ -33,11 +33,21 @@ def test_default_model_and_reranker_load_and_agree():
     model = load_model()  # no name: the default
     with torch.inference_mode():
         t = model.encode_text(["a dog runs on the grass", "a plate of food on a table"])
-    assert torch.allclose(t.norm(dim=-1), torch.ones(2), atol=1e-4)
+    main = t[:, : model.cfg.vector_dim]  # then the concept view's coordinates
+    assert torch.allclose(main.norm(dim=-1), torch.ones(2), atol=1e-4)
     assert model.bank is not None  # its indexes rank with the query-bank prior
     assert model.bank.text.shape[1] == model.bank.image.shape[1] == model.cfg.vector_dim
     reranker = load_reranker("default", bi=model)  # refuses a bi-encoder it was not trained on
     assert reranker.bi is model
+
+
+def test_default_gates_its_concept_view_open_for_objects_and_shut_for_scenes():
+    model = load_model("default")
+    assert model.concepts is not None and model.vector_dim == model.cfg.vector_dim + 384
+    with torch.inference_mode():
+        items = model.encode_text(["A tiger.", "a man rides a bike down a dirt road"])
+    gates = model.concepts.text_gate(items[:, model.cfg.vector_dim :])
+    assert gates[0] > 0.5 * model.concepts.cfg.text_weight > gates[1]
 
 
 def test_demo_ranks_the_obvious_photos_first():
