@@ -10,7 +10,8 @@ by the text gate (weight, slope, shift), image->text by the image query's weight
 setting that scores highest on clip-art train among those that lose nothing on the held-out
 images (mean R@1/5/10 of that direction), for each softmax temperature; the temperature with
 the higher clip-art train AR wins. The fitted weights then go to the shipped default unchanged
-(`ldot concepts` with them), its statistics from its own train split.
+(`ldot concepts` with them), its statistics from its own train split. Beside the fit, one
+fixed weight both ways (no gate) is measured on the same sets, on the twin and on the default.
 
 Reported: Flickr8k val, COCO-mini and clip-art val, each ranked as `ldot evaluate` ranks (dot
 product + the model's query-bank prior).
@@ -58,6 +59,7 @@ FITTING = {
 TEMPERATURES = (1.0, 2.0)
 TEXT_GRID = list(itertools.product((0.05, 0.1, 0.15, 0.2), (10, 20, 40), (0.45, 0.5, 0.55, 0.6)))
 IMAGE_GRID = (0.0, 0.02, 0.03, 0.04, 0.05, 0.06)
+FIXED = (0.02, 0.04)  # fixed weights measured beside the fitted gate
 
 
 def write_heldout(n: int = 1000) -> None:
@@ -139,7 +141,16 @@ def fit(model) -> tuple[ConceptConfig, list[list[str]]]:
         rows.append([describe(fitted), f"{held:.1f}", f"{clip:.1f}"])
         if best is None or clip > best[1]:
             best = (fitted, clip)
+        for w in FIXED:
+            ms = {n: ranker.metrics(n, **fixed(w))["ar"] for n in FITTING}
+            rows.append([f"fixed weight {w:g} both ways, temperature {temperature:g}"])
+            rows[-1] += [f"{ms[n]:.1f}" for n in FITTING]
     return best[0], [base_row, *rows]
+
+
+def fixed(w: float) -> dict:
+    """The view's weights for one fixed weight `w` both ways, no gate (sigmoid(0) = 1/2)."""
+    return {"text_weight": 2 * w, "gate_slope": 0.0, "image_weight": w}
 
 
 def describe(cfg: ConceptConfig) -> str:
@@ -160,9 +171,8 @@ def reported(fitted: ConceptConfig) -> list[list[str]]:
     rows = [("shipped default, no concept view", plain, {})]
     alone = {"text_weight": 1e4, "gate_slope": 0.0, "image_weight": 1e4}  # main score drowned
     rows.append(("the concept view alone (z-scores)", ranker, alone))
-    for w in (0.02, 0.04):
-        fixed = {"text_weight": 2 * w, "gate_slope": 0.0, "image_weight": w}  # sigmoid(0) = 1/2
-        rows.append((f"fixed weight {w:g} both ways, no gate", ranker, fixed))
+    for w in FIXED:
+        rows.append((f"fixed weight {w:g} both ways, no gate", ranker, fixed(w)))
     rows.append((f"fitted: {describe(fitted)}", ranker, dataclasses.asdict(fitted)))
     out = []
     for label, r, w in rows:
