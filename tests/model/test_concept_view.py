@@ -166,21 +166,34 @@ def test_an_index_built_before_the_view_is_searched_by_the_main_vectors(index_di
     assert len(images[0].results) == 2
 
 
-def test_an_index_built_with_the_view_searches_by_it(corpus_dir, tmp_path, model_dir):
+def test_an_index_built_with_the_view_scores_main_plus_view_plus_main_prior(corpus_dir, tmp_path):
     from lightningdot.data import read_karpathy
+    from lightningdot.features import load_image
     from lightningdot.index.build import build_index
+    from lightningdot.index.engines import open_index
+    from lightningdot.model.prior import QueryBank, hub_prior
 
-    attach_concepts(model_dir, tiny_view())
-    model = load_model(model_dir)
+    model = branch_model()
+    main = model.cfg.vector_dim
+    g = torch.Generator().manual_seed(2)
+    bank = QueryBank(*(F.normalize(torch.randn(5, main, generator=g), dim=-1) for _ in "ti"), 4.0)
+    model.bank = bank  # in the main space, as `ldot bank` makes it
     corpus = read_karpathy(corpus_dir / "captions.json", "train")
-    build_index(model, str(model_dir), corpus, corpus_dir / "images", tmp_path / "ix2")
+    build_index(model, "tiny", corpus, corpus_dir / "images", tmp_path / "ix2")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback
-        retriever = Retriever.open(tmp_path / "ix2", model_dir)
-    assert retriever.model.concepts is not None
+        retriever = Retriever(model, open_index(tmp_path / "ix2", model))
     assert retriever.image_index.dim == model.vector_dim
-    hits = retriever.search_image([corpus_dir / "images" / "img00.png"], k=3)[0].results
-    assert len(hits) == 3
+    hits = retriever.search_text(CAPTIONS[:1], k=len(corpus.images))[0].results
+    backbone = ColourBackbone()
+    with torch.inference_mode():
+        pixels = [backbone.preprocess(load_image(corpus_dir / "images" / h.id)) for h in hits]
+        items = model.encode_image(collate_regions(backbone(torch.stack(pixels))))
+        q = model.as_query(model.encode_text(CAPTIONS[:1]), "text")[0]
+    concept = items[:, main:] @ q[main:]
+    assert concept.abs().max() > 1e-3  # the view counts in these scores
+    want = items[:, :main] @ q[:main] + concept + hub_prior(items[:, :main], bank.text, 4.0)
+    torch.testing.assert_close(torch.tensor([h.score for h in hits]), want, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("branches", [True, False], ids=["branch", "image side only"])

@@ -58,7 +58,8 @@ class IndexPrior:
     beta: float
 
     def of(self, vectors: np.ndarray) -> np.ndarray:
-        """(G, D) item vectors -> (G, D + 1) with each item's prior last."""
+        """(G, D + C) item vectors -> (G, D + C + 1) with each item's prior last (read from
+        their first D coordinates: C is a concept view's, see `lightningdot.model.prior`)."""
         x = torch.from_numpy(vectors)
         prior = hub_prior(x, torch.from_numpy(self.bank), self.beta)
         return np.ascontiguousarray(gallery_side(x, prior).numpy())
@@ -121,7 +122,11 @@ class VectorIndex:
         prior: IndexPrior | None = None,
     ) -> VectorIndex:
         cfg = cfg or IndexConfig()
-        x = _as_matrix(vectors, None if prior is None else prior.bank.shape[1])
+        x = _as_matrix(vectors)
+        if prior is not None and x.shape[1] < prior.bank.shape[1]:
+            raise ConfigMismatchError(
+                f"vectors of {x.shape[1]} coordinates for a query bank of {prior.bank.shape[1]}"
+            )
         if len(x) != len(items):
             raise ValueError(f"{len(x)} vectors for {len(items)} items")
         _check_ids(items)
@@ -513,10 +518,11 @@ def _read_prior(folder: Path, manifest: dict) -> IndexPrior:
         bank = np.load(folder / "bank.npy")
     except (OSError, ValueError) as e:
         raise DataError(f"damaged or missing query bank {folder / 'bank.npy'}: {e}") from e
-    if bank.shape != (manifest["prior"]["bank"], manifest["dim"]):
+    # The bank may cover the items' first coordinates alone (a model's main view).
+    if bank.ndim != 2 or len(bank) != manifest["prior"]["bank"] or bank.shape[1] > manifest["dim"]:
         raise DataError(
             f"{folder}: bank.npy is {bank.shape}, index.json says "
-            f"({manifest['prior']['bank']}, {manifest['dim']})"
+            f"{manifest['prior']['bank']} vectors of at most {manifest['dim']} coordinates"
         )
     return IndexPrior(bank.astype(np.float32), float(manifest["prior"]["beta"]))
 
