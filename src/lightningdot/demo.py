@@ -38,7 +38,8 @@ GALLERY = [
     "horse.png",
 ]
 # Queries in the vocabulary of Flickr8k, the model's training set (people, animals, outdoor
-# scenes): concepts it rarely saw there, such as cats or rockets, it ranks poorly.
+# scenes), and objects its captions hardly name, found through the concept view of the
+# backbone's ImageNet classes (`lightningdot.model.concepts`).
 TEXT_QUERIES = [
     "a brown horse standing in a field",
     "a cup of coffee on a table",
@@ -46,6 +47,9 @@ TEXT_QUERIES = [
     "a man with a camera",
     "a person in a red jacket",
     "green grass",
+    "a cat",
+    "a rocket",
+    "a clock",
 ]
 # The same scenes asked in other languages, for a model that reads them (`--model multilingual`).
 OTHER_LANGUAGE_QUERIES = [

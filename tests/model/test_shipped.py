@@ -41,21 +41,17 @@ def test_default_model_and_reranker_load_and_agree():
     assert reranker.bi is model
 
 
-def test_default_gates_its_concept_view_open_for_objects_and_shut_for_scenes():
-    model = load_model("default")
-    assert model.concepts is not None and model.vector_dim == model.cfg.vector_dim + 384
-    with torch.inference_mode():
-        items = model.encode_text(["A tiger.", "a man rides a bike down a dirt road"])
-    gates = model.concepts.text_gate(items[:, model.cfg.vector_dim :])
-    assert gates[0] > 0.5 * model.concepts.cfg.text_weight > gates[1]
-
-
 def test_demo_ranks_the_obvious_photos_first():
     results, info = run_demo(k=3)
     assert info["images"] >= 10
     by_query = {r.query: r for r in results}
     assert by_query["a brown horse standing in a field"].hits[0].name == "horse.png"
     assert by_query["a motorcycle parked indoors"].hits[0].name == "motorcycle_left.png"
+    # Objects Flickr8k's captions hardly name: the concept view finds them (without it, the
+    # model ranks coffee.png, retina.jpg and astronaut.png first).
+    assert by_query["a cat"].hits[0].name == "chelsea.png"
+    assert by_query["a rocket"].hits[0].name == "rocket.jpg"
+    assert by_query["a clock"].hits[0].name == "clock_motion.png"
     image = results[-1]
     assert image.query == "[image] motorcycle_left.png"
     assert image.hits[0].name == "caption: a motorcycle parked indoors"
