@@ -9,7 +9,7 @@ from pathlib import Path
 from lightningdot.index.folder import IndexFolder
 from lightningdot.index.milvus import MilvusFolder
 from lightningdot.index.record import RECORD, Manifest
-from lightningdot.index.vector import IndexPrior, priors_of
+from lightningdot.index.vector import IndexPrior
 from lightningdot.model.encoders import BiEncoder
 from lightningdot.runtime import accelerate
 
@@ -41,7 +41,6 @@ def open_index(folder: str | Path, model: BiEncoder, mmap: bool = True) -> Index
         model.drop_concepts()
         if runtime is not None:
             accelerate(model, runtime)
-        index.caption_prior = priors_of(model.bank)[1]  # for a caption index an add makes
     return index
 
 
