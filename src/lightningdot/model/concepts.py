@@ -19,7 +19,8 @@ so a score is the model's own plus a weight times a z-score: s . (c - mu) / sd(s
 and spread 1 over the images for every caption, which keeps a caption that names many
 concepts from outranking the rest for every image query. A text query's weight g(s) is a gate
 on how well it matches its best class name: Flickr8k-style captions ("a man rides a bike down a
-dirt road") rarely match a class name closely, object queries ("A tiger.") do. The sentence
+dirt road") rarely match a class name closely, object queries ("A tiger.") do; with slope 0 it
+is a fixed weight, which the shipped default uses (`ConceptConfig` says why). The sentence
 embedding is the packaged MiniLM's, whose bottom layers the text encoder shares (frozen), so
 only its top layers run twice.
 """
