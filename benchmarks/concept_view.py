@@ -97,7 +97,7 @@ class Ranker:
         model.drop_concepts()
         if concepts is not None:
             features = FEATURES / "flickr8k-lite2"
-            model.concepts = make_concepts(model, annotations, features, concepts)
+            model.concepts = make_concepts(model.cfg, annotations, features, concepts)
         self.model = model
         self.sets = {n: encoded(model, spec) for n, spec in sets.items()}
 

@@ -14,14 +14,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lightningdot.config import ConceptConfig
+from lightningdot.config import ConceptConfig, ModelConfig
 from lightningdot.data import read_karpathy
 from lightningdot.encode import RegionSource
 from lightningdot.errors import DataError
 from lightningdot.features import FeatureStore, create_backbone
-from lightningdot.model.checkpoint import attach_concepts, load_model
+from lightningdot.model.checkpoint import attach_concepts, read_model_config
 from lightningdot.model.concepts import ConceptView, load_class_names, text_branch
-from lightningdot.model.encoders import BiEncoder
 from lightningdot.model.pooling import mean_pool
 from lightningdot.model.pretrained import load_pretrained_text
 
@@ -41,16 +40,17 @@ def sentence_embeddings(texts: list[str], text_model: str, batch: int = 256) -> 
 
 @torch.inference_mode()
 def make_concepts(
-    model: BiEncoder, annotations: str | Path, features: str | Path, cfg: ConceptConfig
+    model_cfg: ModelConfig, annotations: str | Path, features: str | Path, cfg: ConceptConfig
 ) -> ConceptView:
-    """The concept view of `model`, its image statistics from the split `cfg.split`."""
-    classifier = create_backbone(model.cfg.backbone).classifier()
+    """The concept view of a model of `model_cfg`, its image statistics from the split
+    `cfg.split` (the view reads the backbone's classifier, not the model's weights)."""
+    classifier = create_backbone(model_cfg.backbone).classifier()
     names = sentence_embeddings(load_class_names(classifier.out_features), cfg.text_model)
     d = names.shape[1]
-    layers, branch = text_branch(model.cfg, cfg)
+    layers, branch = text_branch(model_cfg, cfg)
     view = ConceptView(cfg, classifier, names, torch.zeros(d), torch.eye(d), layers, branch)
     keys = read_karpathy(annotations, cfg.split).keys()
-    source = RegionSource(model.cfg.backbone, FeatureStore(features))
+    source = RegionSource(model_cfg.backbone, FeatureStore(features))
     concepts = torch.cat([view.concept_of(b) for b in source.batches(keys)])
     view.mean, view.cov = concepts.mean(0), torch.cov(concepts.T)
     return view.eval()
@@ -69,13 +69,12 @@ def give_concepts(
         DataError: `folder` is no model folder, or the model takes its image side from another.
     """
     folder = Path(folder)
-    net = load_model(folder)
-    if net.cfg.image_from:
+    model_cfg, _ = read_model_config(folder)
+    if model_cfg.image_from:
         raise DataError(
-            f"{folder} uses the image side of {net.cfg.image_from!r}; give that model the "
+            f"{folder} uses the image side of {model_cfg.image_from!r}; give that model the "
             "concept view instead"
         )
-    net.drop_concepts()
-    view = make_concepts(net, annotations, features, cfg)
+    view = make_concepts(model_cfg, annotations, features, cfg)
     attach_concepts(folder, view)
     return view
