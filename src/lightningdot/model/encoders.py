@@ -357,8 +357,8 @@ class BiEncoder(nn.Module):
         batch = self.tokenize(texts) if isinstance(texts, list) else texts
         device = self.logit_scale.device
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        if torch.is_grad_enabled():  # training: one padded batch, as the losses see it
-            return self.text.vectors(ids, mask)
+        if torch.is_grad_enabled():  # training: no concept view, no exported graph
+            return by_length(self.text.vectors, ids, mask)
         eager = functools.partial(text_vectors, self.text, self.concepts)
         return by_length(self.fast_text or eager, ids, mask)
 
