@@ -157,6 +157,12 @@ class RegionSource:
                 progress.advance(len(keys[s : s + STORE_BATCH]))
             return
         files = [self.file(p) for p in (paths if paths is not None else keys)]
+        absent = [f for f in files if not f.is_file()]
+        if absent:  # all at once, before any decoding: a wrong folder or a partial copy
+            more = (
+                f" ({len(absent)} of the {len(files)} files are missing)" if len(absent) > 1 else ""
+            )
+            raise DataError(f"image not found: {absent[0]}{more}")
         for pixels in self.decoded(files):
             for p in pixels:
                 if isinstance(p, DataError):

@@ -140,3 +140,26 @@ def test_cli_evaluate_and_search_with_rerank(corpus_dir, store_dir, tmp_path):
     assert len(got["results"]) == 2 and "rerank" in got["timing_ms"]
     res = runner.invoke(app, [*search, "--rerank", "4", "--reranker", str(tmp_path / "nowhere")])
     assert res.exit_code == 2 and "nowhere" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("with_store", [True, False], ids=["feature-store", "image-folder"])
+def test_a_language_file_naming_images_that_are_not_there_fails_with_a_count(
+    corpus_dir, store_dir, model_dir, tmp_path, with_store
+):
+    """As a caption file in another language, made for a larger collection, would."""
+    from typer.testing import CliRunner
+
+    from lightningdot.cli import app
+
+    data = json.loads((corpus_dir / "captions.json").read_text())
+    for n in range(3):
+        data["images"].append(dict(data["images"][-1], filename=f"gone{n}.png"))
+    path = tmp_path / "captions_xx.json"
+    path.write_text(json.dumps(data))
+    args = ["evaluate", "--annotations", str(path), "--images", str(corpus_dir / "images")]
+    args += ["--split", "val", "--model", str(model_dir)]
+    args += ["--features", str(store_dir)] if with_store else []
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    want = "3 image(s) missing from" if with_store else "(3 of the 7 files are missing)"
+    assert "gone0.png" in res.output and want in res.output, res.output
