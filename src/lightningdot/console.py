@@ -176,6 +176,7 @@ def print_answers(labels: list[str], answers: list, as_json: bool) -> None:
                 "query": q,
                 "results": [dataclasses.asdict(r) for r in a.results],
                 "timing_ms": a.timing_ms,
+                "warnings": a.warnings,
             }
             for q, a in zip(labels, answers, strict=True)
         ]
@@ -194,6 +195,8 @@ def print_answers(labels: list[str], answers: list, as_json: bool) -> None:
                 str(rank), f"{r.score:.3f}", escape(r.path or ""), escape(r.caption or "")
             )
         out.print(table)
+        for w in a.warnings:
+            console.print(f"warning: {escape(q)!r}: {escape(w)}", highlight=False)
 
 
 def print_demo(results: list, info: dict) -> None:

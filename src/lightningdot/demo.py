@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-import lightningdot.model.multilingual as multilingual
 from lightningdot.encode import RegionSource, encode_collection
 from lightningdot.errors import DataError
 from lightningdot.index.vector import VectorIndex
 from lightningdot.model.checkpoint import index_identity, load_model
+from lightningdot.model.coverage import reads_many_languages
 
 # Photographs among scikit-image's bundled data (the rest are charts, scans or binary masks).
 GALLERY = [
@@ -51,11 +51,16 @@ TEXT_QUERIES = [
     "a rocket",
     "a clock",
 ]
-# The same scenes asked in other languages, for a model that reads them (`--model multilingual`).
+# The same scenes asked in other languages, for a model that reads them (`--model multilingual`):
+# the five it was trained on, one it was not, and a query that switches language halfway.
 OTHER_LANGUAGE_QUERIES = [
     "一匹棕色的马站在田野里",  # Chinese: a brown horse standing in a field
-    "Una motocicleta estacionada",  # Spanish: a parked motorcycle
     "Ein Mann mit einer Kamera",  # German: a man with a camera
+    "Uma xícara de café sobre a mesa",  # Portuguese: a cup of coffee on a table
+    "Une personne en veste rouge",  # French: a person in a red jacket
+    "Motorka zaparkovaná uvnitř",  # Czech: a motorcycle parked indoors
+    "Una motocicleta estacionada",  # Spanish: a parked motorcycle
+    "a brown horse 在田野里",  # English, then Chinese
 ]
 IMAGE_QUERY = "motorcycle_left.png"
 
@@ -96,7 +101,7 @@ def run_demo(model_name: str = "default", k: int = 3) -> tuple[list[DemoResult],
     index_s = time.perf_counter() - t0
     index = VectorIndex.build(image_vecs.numpy(), [{"id": n} for n in names], index_identity(model))
     queries = TEXT_QUERIES
-    if model.cfg.text.pretrained == multilingual.NAME:
+    if reads_many_languages(model.cfg.text):
         queries = TEXT_QUERIES + OTHER_LANGUAGE_QUERIES
     with torch.inference_mode():
         results = [_text_query(model, index, names, q, k) for q in queries]

@@ -35,6 +35,7 @@ from lightningdot.index.folder import IndexFolder
 from lightningdot.index.record import Manifest
 from lightningdot.index.uploads import add_uploads
 from lightningdot.model.checkpoint import load_model, load_reranker
+from lightningdot.model.coverage import query_warnings
 from lightningdot.model.encoders import BiEncoder
 from lightningdot.model.reranker import Reranker
 from lightningdot.progress import Progress
@@ -61,6 +62,9 @@ class Answer:
 
     results: list[Result]
     timing_ms: dict[str, float] = field(default_factory=dict)
+    # What the user should know about how the model read the query
+    # (`lightningdot.model.coverage`): results are given all the same.
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -329,7 +333,11 @@ class Retriever:
             ]
             clock.lap("explain", shared_by=len(queries))
         arrivals = received or [None] * len(queries)
-        return [Answer(h, clock.timing(t)) for h, t in zip(found, arrivals, strict=True)]
+        model = self.model
+        return [
+            Answer(h, clock.timing(t), query_warnings(model.tokenizer, model.cfg.text, q))
+            for q, h, t in zip(queries, found, arrivals, strict=True)
+        ]
 
     def explain(self, query: str, image_id: str, rerank: bool = False) -> RegionWeights:
         """Why image `image_id` matches the text `query`: a weight per region (see

@@ -286,6 +286,7 @@ def test_health_metrics_and_openapi(client):
     assert health["status"] == "ok" and health["images"] == 8 and health["captions"] == 16
     assert health["reranker"] is True and health["limits"]["max_k"] == 100
     assert health["writes"] == "open"  # loopback, no key
+    assert health["multilingual"] is False  # the tiny model reads English
     client.get("/search", params={"q": "red"})
     client.get("/nope")
     text = client.get("/metrics").text
@@ -384,3 +385,12 @@ def test_errors_name_the_servers_folders_by_root_not_by_place(client, retriever,
     assert str(corpus_dir) not in r.text
     hits = client.get("/search", params={"q": "red"}).json()["results"]
     assert all(not h["path"].startswith("/") for h in hits)
+
+
+def test_a_query_the_model_hardly_reads_is_answered_with_warnings(client):
+    plain = client.get("/search", params={"q": "a red picture", "k": 2}).json()
+    assert plain["warnings"] == []
+    body = client.get("/search", params={"q": "ᱚᱞ ᱪᱤᱠᱤ", "k": 2}).json()  # Ol Chiki
+    assert len(body["results"]) == 2
+    assert any("vocabulary" in w for w in body["warnings"])
+    assert any("reads English" in w for w in body["warnings"])

@@ -129,6 +129,27 @@ def test_search_page_shows_thumbnails_scores_and_timings(live_server, browser, c
     assert not errors, errors
 
 
+def test_example_queries_search_and_warnings_show(live_server, browser):
+    page, errors = loaded_page(browser, live_server)
+    # The tiny model reads English: its examples and placeholder are English.
+    examples = page.locator("#example-queries button")
+    assert examples.count() == 3 and examples.first.inner_text() in page.get_attribute(
+        "#q", "placeholder"
+    )
+    examples.first.click()
+    page.wait_for_function(ALL_THUMBNAILS_DRAWN, timeout=15_000)
+    assert page.input_value("#q") == examples.first.inner_text()
+    # A script outside the vocabulary is answered, with the server's warning in the status.
+    page.fill("#q", "ᱚᱞ ᱪᱤᱠᱤ")
+    page.press("#q", "Enter")
+    page.wait_for_function(
+        "() => document.getElementById('status').textContent.includes('warning')"
+    )
+    assert "vocabulary" in page.inner_text("#status")
+    assert page.locator("#results figure").count() == 8
+    assert not errors, errors
+
+
 # Per result canvas: its image id, whether it shows, the regions it drew, and the alpha of its
 # pixel at the centre of each box (mapped as the page maps them, through object-fit: cover).
 HEAT_PIXELS = """() => [...document.querySelectorAll('#results figure')].map((figure) => {

@@ -31,6 +31,7 @@ from lightningdot.errors import LightningDotError
 from lightningdot.features import load_image
 from lightningdot.heatmap import overlay_png
 from lightningdot.index.filters import parse_filter
+from lightningdot.model.coverage import reads_many_languages
 from lightningdot.retrieval import ImageAnswer, Page, Retriever, check_query
 from lightningdot.serve.schemas import (
     ERRORS,
@@ -92,7 +93,9 @@ def query_routes(service: Service) -> APIRouter:
         answer = await service.search_text(TextQuery(q, k, rerank, explain, page))
         service.metrics.observe("/search", answer.timing_ms)
         results = [to_hit(r) for r in answer.results]
-        return SearchResponse(query=q, results=results, timing_ms=answer.timing_ms)
+        return SearchResponse(
+            query=q, results=results, timing_ms=answer.timing_ms, warnings=answer.warnings
+        )
 
     return router
 
@@ -320,6 +323,7 @@ def info_routes(service: Service) -> APIRouter:
             images=retriever.image_index.count,
             captions=captions.count if captions is not None else 0,
             reranker=retriever.reranker is not None,
+            multilingual=reads_many_languages(retriever.model.cfg.text),
             limits=asdict(service.cfg),
             writes=service.writes,
         )

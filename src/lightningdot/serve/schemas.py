@@ -46,6 +46,11 @@ class SearchResponse(BaseModel):
     query: str
     results: list[Hit]
     timing_ms: dict[str, float] = Field(description=f"Milliseconds per stage: {STAGES}.")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="How the model read the query, when its results may mean little: a "
+        "script outside the vocabulary, or another language than an English model reads.",
+    )
 
 
 class ImageSearchResponse(BaseModel):
@@ -90,6 +95,7 @@ class Health(BaseModel):
     images: int
     captions: int
     reranker: bool
+    multilingual: bool = Field(description="Whether the model reads queries in many languages.")
     # Not dict[str, float]: that turns max_k 100 into 100.0; the union keeps each number's type.
     limits: dict[str, int | float] = Field(description="The limits of `ServeConfig`.")
     writes: str = Field(
