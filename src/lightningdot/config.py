@@ -289,12 +289,24 @@ class AlignConfig:
     # vector of its image's first-language captions: a cross-lingual target that does not need
     # translations, only captions of the same images. 0 turns it off.
     cross_distill: float = 0.0
+    # A student made by an earlier run (folder or shipped name), against the same teacher and
+    # with the same text config, to continue from: e.g. to teach it more languages.
+    init_from: str = ""
+    # 0: train every text layer the config stores; N: only the top N of them (the others stay
+    # as the student starts: cheaper steps when continuing from `init_from`).
+    train_layers: int = 0
+    # The image encoder trains too, on every language's captions. The student then has an image
+    # side of its own: its own index identity (indexes must be rebuilt with it), and no query
+    # bank or concept view until `ldot bank` / `ldot concepts` make them.
+    train_image: bool = False
 
     upgrade = staticmethod(_lift_loop_keys)
 
     def __post_init__(self) -> None:
         if not self.annotations:
             raise ValueError("annotations must name at least one caption file")
+        if not 0 <= self.train_layers <= self.text.trainable_layers:
+            raise ValueError(f"train_layers must be in [0, {self.text.trainable_layers}]")
         _need_negatives(self.loop)
         if self.distill < 0 or self.cross_distill < 0:
             raise ValueError("distill and cross_distill must be >= 0")

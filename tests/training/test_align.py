@@ -1,5 +1,6 @@
 """`ldot align`: a student text encoder trained into a teacher's space, sharing its indexes."""
 
+import dataclasses
 import json
 import math
 
@@ -178,3 +179,147 @@ def test_mixed_precision_vectors_stay_close_to_float32(teacher_dir, corpus_dir):
     assert torch.equal(same, full)
     assert not torch.equal(mixed, full)  # bfloat16 did run
     assert (mixed * full).sum(-1).min() > 0.99
+
+
+def partial(corpus_dir, tmp_path, name: str, keep: int, captions: int) -> str:
+    """The tiny corpus in 'another language' (reversed words) for the first `keep` images of
+    each split, with `captions` captions each."""
+    data = json.loads((corpus_dir / "captions.json").read_text())
+    kept = []
+    for split in ("train", "val"):
+        ims = [im for im in data["images"] if im["split"] == split][:keep]
+        for im in ims:
+            im["sentences"] = [
+                dict(s, raw=" ".join(reversed(s["raw"].split())))
+                for s in im["sentences"][:captions]
+            ]
+        kept += ims
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"images": kept}))
+    return str(path)
+
+
+def tiny_align(teacher_dir, corpus_dir, store_dir, annotations, **overrides) -> AlignConfig:
+    size = BertSize(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64)
+    return AlignConfig(
+        teacher=str(teacher_dir),
+        text=TextConfig(pretrained=None, size=size, trainable_layers=3, max_length=16),
+        annotations=[str(corpus_dir / "captions.json"), *annotations],
+        features=str(store_dir),
+        loop=LoopConfig(epochs=1, batch_size=4, lr=1e-3),
+        cross_distill=1.0,
+        **overrides,
+    )
+
+
+def test_languages_that_cover_part_of_the_images_train_and_validate_on_their_own(
+    corpus_dir, store_dir, teacher_dir, tmp_path
+):
+    from lightningdot.training.align import AlignTask
+
+    few = partial(corpus_dir, tmp_path, "few", keep=5, captions=1)
+    cfg = tiny_align(teacher_dir, corpus_dir, store_dir, [few])
+    task = AlignTask(cfg)
+    few_lang = task.train_split.languages[1]
+    assert few_lang.rows.tolist() == [0, 1, 2, 3, 4] and len(task.val_split.languages[1].rows) == 4
+    gen = torch.Generator().manual_seed(0)
+    for idx, rows, picks in task.batches(0, gen):
+        # Each language's captions are of its own images in the batch, in the batch's order.
+        assert rows[0].tolist() == list(range(len(idx)))
+        have = [i for i, k in enumerate(idx.tolist()) if k < 5]
+        assert rows[1].tolist() == have
+        assert picks[1].tolist() == [idx[i].item() for i in have]  # one caption each: its own
+        terms = task.loss_terms((idx, rows, picks), gen)
+        assert all(torch.isfinite(v) for v in terms.values())
+    best = align(cfg, tmp_path / "run", log=lambda _: None)
+    assert set(best["languages"]) == {"captions", "few"}
+
+
+def test_a_language_with_no_image_in_a_batch_adds_nothing():
+    e = torch.eye(2)
+    none = torch.zeros(0, 2)
+    out = align_losses(
+        [e, none], e, torch.tensor(0.0), e, ["en", "xx"], e, [torch.arange(2), torch.arange(0)]
+    )
+    assert out["cmr_xx"] == 0 and out["distill_xx"] == 0 and torch.isfinite(out["cmr_en"])
+
+
+def test_images_missing_from_the_store_are_counted_and_named(
+    corpus_dir, store_dir, teacher_dir, tmp_path
+):
+    from lightningdot.errors import DataError
+    from lightningdot.training.align import AlignTask
+
+    data = json.loads((corpus_dir / "captions.json").read_text())
+    for n in range(3):
+        data["images"].append(dict(data["images"][0], filename=f"gone{n}.png", split="train"))
+    path = tmp_path / "more.json"
+    path.write_text(json.dumps(data))
+    cfg = tiny_align(teacher_dir, corpus_dir, store_dir, [str(path)])
+    with pytest.raises(DataError, match=r"more.json: 3 of its 11 train images are not in the"):
+        AlignTask(cfg)
+
+
+def test_continuing_from_a_student_trains_only_its_top_layers(
+    corpus_dir, store_dir, teacher_dir, tmp_path
+):
+    from lightningdot.errors import ConfigMismatchError
+
+    first = tiny_align(teacher_dir, corpus_dir, store_dir, [])
+    align(first, tmp_path / "first", log=lambda _: None)
+    few = partial(corpus_dir, tmp_path, "few", keep=6, captions=2)
+    then = tiny_align(
+        teacher_dir,
+        corpus_dir,
+        store_dir,
+        [few],
+        init_from=str(tmp_path / "first" / "best"),
+        train_layers=1,
+    )
+    align(then, tmp_path / "then", log=lambda _: None)
+    before = load_model(tmp_path / "first" / "best").text.state_dict()
+    after = load_model(tmp_path / "then" / "best").text.state_dict()
+    for name, tensor in before.items():
+        trained = name.startswith(("bert.encoder.layer.2.", "proj.", "pooled_proj."))
+        assert torch.equal(tensor, after[name]) != trained, name
+
+    other = dataclasses.replace(then, text=dataclasses.replace(then.text, max_length=12))
+    with pytest.raises(ConfigMismatchError, match="init_from model .* max_length"):
+        align(other, tmp_path / "other", log=lambda _: None)
+
+
+def test_a_student_whose_image_encoder_trains_has_an_image_side_and_index_of_its_own(
+    corpus_dir, store_dir, teacher_dir, tmp_path
+):
+    first = tiny_align(teacher_dir, corpus_dir, store_dir, [])
+    align(first, tmp_path / "first", log=lambda _: None)
+    few = partial(corpus_dir, tmp_path, "few", keep=6, captions=2)
+    cfg = tiny_align(
+        teacher_dir,
+        corpus_dir,
+        store_dir,
+        [few],
+        init_from=str(tmp_path / "first" / "best"),
+        train_image=True,
+    )
+    align(cfg, tmp_path / "joint", log=lambda _: None)
+    teacher, joint = load_model(teacher_dir), load_model(tmp_path / "joint" / "best")
+    assert joint.cfg.image_from == "" and joint.bank is None
+    assert index_identity(joint) == model_identity(joint) != model_identity(teacher)
+    changed = [
+        name
+        for (name, a), (_, b) in zip(
+            teacher.image.state_dict().items(), joint.image.state_dict().items(), strict=True
+        )
+        if not torch.equal(a, b)
+    ]
+    assert changed  # it learned
+    # Its validation encoded the images with its own image encoder: the figures in the log
+    # are what evaluating the saved model gives.
+    from lightningdot.training.align import AlignTask, evaluate_languages
+
+    task = AlignTask(cfg)
+    task.student = joint
+    got = evaluate_languages(joint, task.val_split, task.store)
+    log = [json.loads(x) for x in (tmp_path / "joint" / "log.jsonl").read_text().splitlines()]
+    assert got["ar"] == pytest.approx(log[-1]["val"]["ar"], abs=1e-4)
