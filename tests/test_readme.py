@@ -69,8 +69,18 @@ def checkout(tmp_path: Path) -> Path:
         images.append((name, colour))
     english = karpathy(images, lambda c, i: [f"a {c} photo number {i}", f"a dog on {c} grass"] * 2)
     chinese = karpathy(images, lambda c, i: [f"第{i}张{c}色的照片", "一只狗在草地上奔跑"])
-    (data / "dataset_flickr8k.json").write_text(json.dumps(english))
-    (data / "dataset_flickr8kcn.json").write_text(json.dumps(chinese, ensure_ascii=False))
+    german = karpathy(images, lambda c, i: [f"ein {c} Foto Nummer {i}", "ein Hund im Gras"])
+    portuguese = karpathy(images, lambda c, i: [f"uma foto {c} número {i}", "um cão na grama"])
+    # French and Czech: one caption per image, and not every image (as in Multi30k).
+    french = karpathy(images, lambda c, i: [f"une photo {c} numéro {i}"])
+    czech = karpathy(images, lambda c, i: [f"{c} fotka číslo {i}"])
+    for one in (french, czech):
+        del one["images"][0]
+    files = {"": english, "cn": chinese, "_de": german, "_pt": portuguese}
+    files |= {"_fr": french, "_cs": czech}
+    for suffix, captions in files.items():
+        text = json.dumps(captions, ensure_ascii=False)
+        (data / f"dataset_flickr8k{suffix}.json").write_text(text, encoding="utf-8")
     main = tmp_path / "main"
     shutil.copytree(ROOT / "recipes", main / "recipes")
     (main / "more_photos").mkdir()

@@ -80,3 +80,9 @@ def test_demo_with_the_multilingual_model_answers_other_languages():
     by_query = {r.query: r for r in results}
     assert by_query["一匹棕色的马站在田野里"].hits[0].name == "horse.png"
     assert by_query["Una motocicleta estacionada"].hits[0].name == "motorcycle_left.png"
+    assert by_query["Ein Mann mit einer Kamera"].hits[0].name == "camera.png"
+    assert by_query["Une personne en veste rouge"].hits[0].name == "astronaut.png"
+    assert by_query["Motorka zaparkovaná uvnitř"].hits[0].name == "motorcycle_left.png"
+    assert by_query["a brown horse 在田野里"].hits[0].name == "horse.png"  # code-switched
+    # Portuguese finds the coffee, but ranks it third (after the bricks and the camera).
+    assert "coffee.png" in [h.name for h in by_query["Uma xícara de café sobre a mesa"].hits]
