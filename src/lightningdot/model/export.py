@@ -26,8 +26,23 @@ def _recorded(folder: Path) -> dict:
     )
 
 
-def _val_ar(saved: dict) -> float | None:
-    return (saved.get("val") or {}).get("ar")
+def _val_ar(saved: dict, languages: set[str] | None = None) -> float | None:
+    """The recorded val AR; with `languages`, the mean over those languages alone."""
+    val = saved.get("val") or {}
+    if languages is None:
+        return val.get("ar")
+    per = val["languages"]
+    return sum(per[lang]["ar"] for lang in languages) / len(languages)
+
+
+def _shared_languages(old: dict, new: dict) -> set[str] | None:
+    """The caption languages both students were measured on, when they were measured on
+    different ones (a mean over other languages is no comparison); else None."""
+    old_langs = set((old.get("val") or {}).get("languages") or ())
+    new_langs = set((new.get("val") or {}).get("languages") or ())
+    if old_langs == new_langs or not old_langs & new_langs:
+        return None
+    return old_langs & new_langs
 
 
 def export(
@@ -46,11 +61,15 @@ def export(
     saved = _recorded(resolve("model", source))
     new_ar = _val_ar(saved)
     if (out / "config.json").is_file() and not force:
-        old_ar = _val_ar(_recorded(out))
+        old = _recorded(out)
+        shared = _shared_languages(old, saved)
+        old_ar, new_ar = _val_ar(old, shared), _val_ar(saved, shared)
         if old_ar is not None and (new_ar is None or new_ar < old_ar):
+            on = f" on the languages both were measured on ({', '.join(sorted(shared or ()))})"
             raise DataError(
-                f"{out} holds a model with val AR {old_ar:.2f}, this one has "
-                f"{'none recorded' if new_ar is None else f'{new_ar:.2f}'}; use --force to replace it"
+                f"{out} holds a model with val AR {old_ar:.2f}{on if shared else ''}, this one "
+                f"has {'none recorded' if new_ar is None else f'{new_ar:.2f}'}; use --force "
+                "to replace it"
             )
     extra = {k: saved[k] for k in RECORDED if k in saved}
     if "reranker" in saved:
