@@ -32,6 +32,7 @@ def test_health_model_keeps_a_whole_float_a_float():
         images=1,
         captions=0,
         reranker=False,
+        multilingual=False,
         limits={"max_k": 3, "max_upload_mb": 10.0},
         writes="open",
     ).model_dump_json()
