@@ -260,22 +260,28 @@ def test_images_missing_from_the_store_are_counted_and_named(
         AlignTask(cfg)
 
 
-def test_continuing_from_a_student_trains_only_its_top_layers(
-    corpus_dir, store_dir, teacher_dir, tmp_path
-):
-    from lightningdot.errors import ConfigMismatchError
-
+def second_stage(teacher_dir, corpus_dir, store_dir, tmp_path, **overrides) -> AlignConfig:
+    """A first student trained on the first language, then a recipe continuing it with a
+    second language covering 6 of the images."""
     first = tiny_align(teacher_dir, corpus_dir, store_dir, [])
     align(first, tmp_path / "first", log=lambda _: None)
     few = partial(corpus_dir, tmp_path, "few", keep=6, captions=2)
-    then = tiny_align(
+    return tiny_align(
         teacher_dir,
         corpus_dir,
         store_dir,
         [few],
         init_from=str(tmp_path / "first" / "best"),
-        train_layers=1,
+        **overrides,
     )
+
+
+def test_continuing_from_a_student_trains_only_its_top_layers(
+    corpus_dir, store_dir, teacher_dir, tmp_path
+):
+    from lightningdot.errors import ConfigMismatchError
+
+    then = second_stage(teacher_dir, corpus_dir, store_dir, tmp_path, train_layers=1)
     align(then, tmp_path / "then", log=lambda _: None)
     before = load_model(tmp_path / "first" / "best").text.state_dict()
     after = load_model(tmp_path / "then" / "best").text.state_dict()
@@ -291,17 +297,7 @@ def test_continuing_from_a_student_trains_only_its_top_layers(
 def test_a_student_whose_image_encoder_trains_has_an_image_side_and_index_of_its_own(
     corpus_dir, store_dir, teacher_dir, tmp_path
 ):
-    first = tiny_align(teacher_dir, corpus_dir, store_dir, [])
-    align(first, tmp_path / "first", log=lambda _: None)
-    few = partial(corpus_dir, tmp_path, "few", keep=6, captions=2)
-    cfg = tiny_align(
-        teacher_dir,
-        corpus_dir,
-        store_dir,
-        [few],
-        init_from=str(tmp_path / "first" / "best"),
-        train_image=True,
-    )
+    cfg = second_stage(teacher_dir, corpus_dir, store_dir, tmp_path, train_image=True)
     align(cfg, tmp_path / "joint", log=lambda _: None)
     teacher, joint = load_model(teacher_dir), load_model(tmp_path / "joint" / "best")
     assert joint.cfg.image_from == "" and joint.bank is None
